@@ -118,10 +118,10 @@ def _read_tiff(path: str):
                 sizes["X"] = xres.value[1] / xres.value[0]
             if yres is not None and yres.value[0]:
                 sizes["Y"] = yres.value[1] / yres.value[0]
-    # drop singleton time/other axes, keep C Z Y X S
+    # drop singleton time/other axes; keep C Z Y X S and tifffile's positional Q / I axes
     keep = []
     for i, ax in enumerate(axes):
-        if ax in "CZYXS":
+        if ax in "CZYXSQI":
             keep.append(i)
         elif data.shape[i] != 1:
             raise ImageDimensionError(path, f"axis '{ax}' of size {data.shape[i]} is not supported (axes {axes})",
@@ -195,6 +195,10 @@ def read_image(path: str | os.PathLike, spatial_dims: int = 3, grayscale: str = 
     except Exception as e:  # corrupt or truncated files raise many different errors
         raise ImageReadError(path, f"unreadable ({type(e).__name__}: {e})", "is the file complete and a valid image?") from e
 
+    # a plain TIFF written without metadata: tifffile calls leading axes Q/I, or a leading 'S'
+    # when it guesses RGB planes; in a 3D read those are positional (C)ZYX axes, not colours
+    if spatial_dims == 3 and "Z" not in axes and axes.endswith("YX") and data.ndim >= 3:
+        axes = "Q" * (data.ndim - 2) + "YX"
     # colour samples -> channels (or merged)
     if "S" in axes:
         s = axes.index("S")
@@ -207,10 +211,6 @@ def read_image(path: str | os.PathLike, spatial_dims: int = 3, grayscale: str = 
             axes = axes[1:]
         else:
             axes = "C" + axes[1:]
-    # plain TIFF axes letters: tifffile may call the leading axis Q / I / C
-    n_spatial = sum(a in "ZYX" for a in axes)
-    if "C" not in axes and data.ndim == spatial_dims + 1 and n_spatial == spatial_dims:
-        pass
     if data.ndim == spatial_dims:
         data = data[None]
     elif data.ndim == spatial_dims + 1:
