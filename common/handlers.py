@@ -8,9 +8,9 @@ import os
 import re
 
 import torch
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["latest_checkpoint", "AutoResume"]
+__all__ = ["latest_checkpoint", "Resumable"]
 
 _STEP = re.compile(r"(?:epoch|iteration)=(\d+)")
 
@@ -25,38 +25,45 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "*.pt") -> str | None:
     return best
 
 
-class AutoResume:
-    """Resume training from the newest checkpoint in ``ckpt_dir``, if there is one.
+class Resumable:
+    """Save resumable checkpoints every few epochs and, on start, resume from the newest one.
 
-    Pair it with a ``CheckpointSaver`` that writes ``{"network", "optimizer", "trainer", ...}`` to
-    ``ckpt_dir`` every few epochs: after an interruption, running the same command again restores
-    the weights, the optimiser and the trainer's epoch/iteration counters and carries on from there.
-    Checkpoints are loaded with ``weights_only=True`` (plain state dicts and numbers only).
+    Every ``save_interval`` epochs it writes ``{objects..., "trainer": engine}`` (weights, optimiser,
+    the trainer's epoch/iteration counters) to ``ckpt_dir``. When the same command runs again after an
+    interruption, it restores all of them before the first iteration and training carries on from
+    the saved epoch. The trainer is added at ``attach`` time, so the bundle config need not refer to
+    the trainer from inside its own handler list (a circular reference). Checkpoints hold plain state
+    dicts and numbers, loadable with ``weights_only=True``; ignite writes them atomically and, under
+    DDP, on rank 0 only.
 
     Args:
         ckpt_dir: folder of resumable checkpoints.
-        load_dict: objects to restore, as given to the saver.
-        enabled: ``False`` starts from scratch even when checkpoints exist.
-        pattern: file pattern of the resumable checkpoints.
+        objects: what to save besides the trainer, e.g. ``{"network": net, "optimizer": opt}``.
+        save_interval: epochs between checkpoints.
+        n_saved: how many to keep.
+        resume: ``False`` starts from scratch even when checkpoints exist.
     """
 
-    def __init__(self, ckpt_dir: str, load_dict: dict, enabled: bool = True, pattern: str = "checkpoint*.pt",
-                 map_location=None):
+    def __init__(self, ckpt_dir: str, objects: dict, save_interval: int = 1, n_saved: int = 1, resume: bool = True,
+                 map_location=None, file_prefix: str = "checkpoint"):
         self.ckpt_dir = ckpt_dir
-        self.load_dict = load_dict
-        self.enabled = enabled
-        self.pattern = pattern
+        self.objects = dict(objects)
+        self.save_interval = int(save_interval)
+        self.n_saved = n_saved
+        self.resume = resume
+        self.file_prefix = file_prefix
         self.map_location = map_location if map_location is not None else torch.device("cpu")
         self.logger = logging.getLogger(self.__class__.__name__)
         self.resumed_from: str | None = None
 
     def attach(self, engine) -> None:
-        if not self.enabled:
-            return
-        path = latest_checkpoint(self.ckpt_dir, self.pattern)
-        if path is None:
+        objects = dict(self.objects, trainer=engine)
+        path = latest_checkpoint(self.ckpt_dir, f"{self.file_prefix}*.pt") if self.resume else None
+        if path is not None:
+            self.logger.info(f"resuming from {path}")
+            self.resumed_from = path
+            CheckpointLoader(load_path=path, load_dict=objects, map_location=self.map_location).attach(engine)
+        elif self.resume:
             self.logger.info(f"no checkpoint in {self.ckpt_dir}: training from the start")
-            return
-        self.logger.info(f"resuming from {path}")
-        self.resumed_from = path
-        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        CheckpointSaver(save_dir=self.ckpt_dir, save_dict=objects, save_interval=self.save_interval, epoch_level=True,
+                        n_saved=self.n_saved, file_prefix=self.file_prefix).attach(engine)
