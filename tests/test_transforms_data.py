@@ -124,3 +124,17 @@ def test_random_patch_dataset_uniform_over_images_and_positions():
     # corner positions in y/x: 5 possible offsets each, all used
     corners = {int(it["label"][0, 1, 0, 0]) for it in items}
     assert len(corners) >= 20
+
+
+def test_range_psnr_metric_matches_skimage():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from common.metrics import RangePSNRMetric
+
+    rng = np.random.default_rng(5)
+    t = rng.random((3, 1, 4, 8, 8)).astype(np.float32)
+    p = (t + 0.1 * rng.standard_normal(t.shape)).astype(np.float32)
+    m = RangePSNRMetric()
+    m(torch.as_tensor(p), torch.as_tensor(t))
+    expected = [peak_signal_noise_ratio(t[i], p[i], data_range=float(t[i].max() - t[i].min())) for i in range(3)]
+    assert abs(float(m.aggregate()) - np.mean(expected)) < 1e-3

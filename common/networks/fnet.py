@@ -40,25 +40,30 @@ class _DoubleConv(nn.Sequential):
 
 
 class _Level(nn.Module):
-    """One U-Net level: two convs, and (if ``depth > 0``) down, the next level, up, merge."""
+    """One U-Net level with ``depth >= 1``: two convs, down, the next level, up, concat, two convs.
+
+    The bottom of the U (``depth == 0``) is a plain :class:`_DoubleConv` (see :func:`_make_level`),
+    so that every module has a branch-free ``forward`` (TorchScript-friendly)."""
 
     def __init__(self, spatial_dims: int, c_in: int, c_out: int, depth: int):
         super().__init__()
         conv, convt, bn = _layers(spatial_dims)
-        self.depth = depth
         self.convs_in = _DoubleConv(spatial_dims, c_in, c_out)
-        if depth > 0:
-            self.down = nn.Sequential(conv(c_out, c_out, 2, stride=2), bn(c_out), nn.ReLU(inplace=True))
-            self.sub = _Level(spatial_dims, c_out, 2 * c_out, depth - 1)
-            self.up = nn.Sequential(convt(2 * c_out, c_out, 2, stride=2), bn(c_out), nn.ReLU(inplace=True))
-            self.convs_out = _DoubleConv(spatial_dims, 2 * c_out, c_out)
+        self.down = nn.Sequential(conv(c_out, c_out, 2, stride=2), bn(c_out), nn.ReLU(inplace=True))
+        self.sub = _make_level(spatial_dims, c_out, 2 * c_out, depth - 1)
+        self.up = nn.Sequential(convt(2 * c_out, c_out, 2, stride=2), bn(c_out), nn.ReLU(inplace=True))
+        self.convs_out = _DoubleConv(spatial_dims, 2 * c_out, c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.convs_in(x)
-        if self.depth == 0:
-            return skip
         y = self.up(self.sub(self.down(skip)))
         return self.convs_out(torch.cat((skip, y), dim=1))
+
+
+def _make_level(spatial_dims: int, c_in: int, c_out: int, depth: int) -> nn.Module:
+    if depth == 0:
+        return _DoubleConv(spatial_dims, c_in, c_out)
+    return _Level(spatial_dims, c_in, c_out, depth)
 
 
 def init_fnet_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -88,7 +93,7 @@ class FNet(nn.Module):
         conv, _, _ = _layers(spatial_dims)
         self.spatial_dims = spatial_dims
         self.depth = depth
-        self.levels = _Level(spatial_dims, in_channels, mult_chan, depth)
+        self.levels = _make_level(spatial_dims, in_channels, mult_chan, depth)
         self.conv_out = conv(mult_chan, out_channels, 3, padding=1)
         init_fnet_weights(self)
 

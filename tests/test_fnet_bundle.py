@@ -1,0 +1,143 @@
+"""fnet_baseline end to end through the real MONAI bundle runner (tiny network, a few iterations)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from common.handlers import latest_checkpoint
+from common.io import read_image, write_ome_tiff
+from common.synthetic import write_dataset_3d
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, cli_overrides, env, run_bundle
+
+B = "fnet_baseline"
+pytestmark = pytest.mark.slow
+
+
+def _split(manifest, parts):
+    folder = os.path.dirname(manifest)
+    rows = list(csv.DictReader(open(manifest)))
+    out, i = {}, 0
+    for name, n in parts.items():
+        path = os.path.join(folder, f"{name}.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows[i:i + n])
+        out[name], i = path, i + n
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fnet_data")
+    manifest = write_dataset_3d(str(d), n_volumes=4, shape=(16, 64, 64), seed=3)
+    return _split(manifest, {"train": 2, "val": 2})
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fnet_run")
+    ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
+              ckpt_dir=str(out / "models"), output_dir=str(out / "runs"))
+    p = run_bundle(B, "train.json", ov)
+    return out, ov, p
+
+
+def test_train_writes_model_metrics_and_tensorboard(trained):
+    out, ov, p = trained
+    assert os.path.isfile(out / "models" / "model.pt")
+    assert "val_pearson" in p.output and "val_psnr" in p.output
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "runs"))
+    # plain state_dict, loadable with weights_only=True
+    sd = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert "conv_out.weight" in sd
+
+
+def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
+    out, ov, _ = trained
+    vol = np.random.default_rng(0).random((37, 150, 171)).astype(np.float32)
+    src = write_ome_tiff(tmp_path / "in" / "odd.ome.tif", vol, spacing_um=(0.4, 0.3, 0.3))
+    run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
+                                         ckpt_path=str(out / "models" / "model.pt")))
+    pred, spacing, known = read_image(tmp_path / "pred" / "odd_pred.ome.tif")
+    assert pred.shape == (1, 37, 150, 171)
+    assert known and np.allclose(spacing, (0.4, 0.3, 0.3))
+    assert np.isfinite(pred).all() and pred.std() > 0
+    assert sorted(os.listdir(tmp_path / "pred")) == ["odd_pred.ome.tif"]  # nothing half-written left
+
+
+def test_evaluate_config_reports_metrics(trained, tmp_path):
+    out, ov, _ = trained
+    p = run_bundle(B, ["train.json", "evaluate.json"], dict(ov, bundle_root=str(tmp_path)))
+    assert "val_pearson" in p.output
+    assert os.path.isfile(tmp_path / "eval" / "val_pearson_raw.csv")
+
+
+def test_resume_after_kill_continues_from_checkpoint(data, tmp_path):
+    """Kill a real training run after its second checkpoint; the same command resumes at that epoch."""
+    ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
+              ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
+    ov.update(num_epochs=1000, val_interval=1000)
+    root = os.path.join(BUNDLES, B)
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json"),
+            *cli_overrides(dict(ov, bundle_root=root))]
+    proc = subprocess.Popen(args, cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = str(tmp_path / "runs" / "checkpoints")
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            last = latest_checkpoint(ckpt_dir)
+            if last and "epoch=" in last and int(last.split("epoch=")[1].split(".")[0]) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = latest_checkpoint(ckpt_dir)
+    assert last is not None, "no checkpoint written before the deadline"
+    L = ov["epoch_length"]
+    state = torch.load(last, weights_only=True)["trainer"]  # ignite keeps iteration and epoch_length
+    assert state["epoch_length"] == L and state["iteration"] % L == 0
+    saved_epoch = state["iteration"] // L
+    assert saved_epoch >= 2 and f"epoch={saved_epoch}" in last
+    p = run_bundle(B, "train.json", dict(ov, num_epochs=saved_epoch + 1))
+    assert f"resuming from {last}" in p.output
+    # only the one remaining epoch ran, numbered after the saved one
+    assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}, Iter: 1/{L}" in p.output
+    assert f"Epoch: 1/" not in p.output
+    final = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]
+    assert final["iteration"] == (saved_epoch + 1) * L
+
+
+def test_ddp_two_cpu_processes(data, tmp_path):
+    ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
+              ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
+    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
+    # each of the 2 ranks runs half of the epoch's patches
+    n_patches = ov["epoch_length"] * ov["batch_size"]
+    per_rank_iters = -(-n_patches // 2 // ov["batch_size"])
+    assert f"Iter: {per_rank_iters}/{per_rank_iters}" in p.output
+    assert os.path.isfile(tmp_path / "models" / "model.pt")
+    assert latest_checkpoint(str(tmp_path / "runs" / "checkpoints")) is not None
+
+
+def test_bad_input_named_before_training(data, tmp_path):
+    folder = os.path.dirname(data["train"])
+    rows = list(csv.DictReader(open(data["train"])))
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w") as f:
+        f.write("path_signal,path_target\n")
+        f.write(f"{os.path.join(folder, rows[0]['path_signal'])},{os.path.join(folder, 'nope.ome.tif')}\n")
+    ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=str(bad), val_manifest=data["val"],
+              ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
+    p = run_bundle(B, "train.json", ov, check=False)
+    assert p.returncode != 0
+    assert "ManifestError" in p.output and "nope.ome.tif: file not found" in p.output and "line 2" in p.output
+    assert "Epoch:" not in p.output and not os.path.exists(tmp_path / "models" / "model.pt")

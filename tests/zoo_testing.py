@@ -1,0 +1,52 @@
+"""Helpers for the bundle tests: run MONAI bundle commands in subprocesses, tiny CPU overrides."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLES = os.path.join(ROOT, "bundles")
+SCHEMA = os.path.join(os.path.dirname(ROOT), "shared", "schemas", "meta_schema_20240725.json")
+
+# the smallest networks and budgets that still exercise every code path
+TINY = {
+    "fnet_baseline": {"network_def#mult_chan": 4, "network_def#depth": 2, "patch_size": [16, 32, 32]},
+}
+TINY_TRAIN = {
+    "fnet_baseline": {"batch_size": 2, "epoch_length": 3, "num_epochs": 2, "val_interval": 1, "num_workers": 0},
+}
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "2")
+    return e
+
+
+def cli_overrides(overrides: dict) -> list:
+    args = []
+    for k, v in overrides.items():
+        args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return args
+
+
+def run_bundle(bundle: str, configs, overrides: dict, cmd=("run",), torchrun: int = 0, timeout: int = 600,
+               check: bool = True, cwd=None):
+    """Run ``python -m monai.bundle <cmd>`` for a bundle; returns the CompletedProcess (stdout+stderr)."""
+    root = os.path.join(BUNDLES, bundle)
+    cfg = [os.path.join(root, "configs", c) for c in ([configs] if isinstance(configs, str) else configs)]
+    cfg_arg = cfg[0] if len(cfg) == 1 else json.dumps(cfg)
+    launcher = [sys.executable, "-m"]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m"]
+    args = launcher + ["monai.bundle", *cmd, "--config_file", cfg_arg]
+    if cmd[0] == "run":
+        args += ["--logging_file", os.path.join(root, "configs", "logging.conf")]
+    args += cli_overrides(dict({"bundle_root": root}, **overrides))
+    p = subprocess.run(args, cwd=cwd or root, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    p.output = p.stdout + p.stderr
+    return p
