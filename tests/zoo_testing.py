@@ -9,13 +9,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = os.path.join(ROOT, "bundles")
 SCHEMA = os.path.join(os.path.dirname(ROOT), "shared", "schemas", "meta_schema_20240725.json")
 
-# the smallest networks and budgets that still exercise every code path
-TINY = {
-    "fnet_baseline": {"network_def#mult_chan": 4, "network_def#depth": 2, "patch_size": [16, 32, 32]},
-}
-TINY_TRAIN = {
-    "fnet_baseline": {"batch_size": 2, "epoch_length": 3, "num_epochs": 2, "val_interval": 1, "num_workers": 0},
-}
+# The smallest networks and budgets that still exercise every code path, one file per bundle:
+# tests/tiny/<bundle>.json = {"net": {overrides of inference.json and train.json},
+#                             "train": {extra overrides of train.json}}
+TINY, TINY_TRAIN = {}, {}
+_TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
+for _f in sorted(os.listdir(_TINY_DIR)):
+    if _f.endswith(".json"):
+        _d = json.load(open(os.path.join(_TINY_DIR, _f)))
+        TINY[_f[:-5]] = _d.get("net", {})
+        TINY_TRAIN[_f[:-5]] = _d.get("train", {})
 
 
 def env():
