@@ -117,3 +117,765 @@ class ResampleToSpacingd(Spacingd):
                 warnings.warn(f"no voxel size in {names}; not resampling (set it in the file's OME metadata)")
                 return d
         return super().__call__(d, lazy=lazy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Spotlight (Kalinin et al. 2025): Otsu standardisation, foreground masks, foreground-aware patches
+# ----------------------------------------------------------------------------------------------
+from monai.transforms import Randomizable, SpatialCrop  # noqa: E402
+
+__all__ += [
+    "otsu_threshold",
+    "OtsuStandardize",
+    "OtsuStandardized",
+    "ForegroundMask",
+    "ForegroundMaskd",
+    "RandForegroundPatchd",
+]
+
+
+def _channels_np(img) -> np.ndarray:
+    if isinstance(img, torch.Tensor):
+        return img.detach().cpu().numpy()
+    return np.asarray(img)
+
+
+def _like(img, arr: np.ndarray):
+    """``arr`` (numpy) returned as the type of ``img`` (MetaTensor keeps affine and meta)."""
+    if isinstance(img, MetaTensor):
+        return MetaTensor(torch.as_tensor(arr), affine=img.affine, meta=img.meta,
+                          applied_operations=img.applied_operations)
+    if isinstance(img, torch.Tensor):
+        return torch.as_tensor(arr, device=img.device)
+    return arr
+
+
+def otsu_threshold(x, nbins: int = 256) -> float | None:
+    """Otsu's threshold of the values of ``x`` (:func:`skimage.filters.threshold_otsu`, ``nbins`` bins).
+
+    Returns ``None`` for a constant (or empty) array, which has no threshold.
+    """
+    from skimage.filters import threshold_otsu
+
+    v = np.asarray(x, dtype=np.float64).ravel()
+    if v.size == 0 or v.min() == v.max():
+        return None
+    return float(threshold_otsu(v, nbins=nbins))
+
+
+class OtsuStandardize(Transform):
+    """Per-channel ``(x - t_otsu) / std``: Spotlight's standardisation (Otsu threshold instead of the mean).
+
+    The threshold and the standard deviation (population, ddof 0) are computed per image and
+    channel on the raw intensities it receives (the paper's recipe). After it, ``x >= 0`` is
+    exactly the image's Otsu foreground, so a fixed threshold of 0 gives the foreground of any
+    patch cut from it. A constant channel (no threshold, std 0) becomes all zeros.
+    ``MetaTensor`` inputs record ``meta["otsu_threshold"]`` and ``meta["otsu_std"]`` (one value per
+    channel) so that predictions can be mapped back to intensities.
+
+    Input/output: ``CZYX`` or ``CYX`` array or tensor, float32.
+    """
+
+    def __init__(self, nbins: int = 256, eps: float = 1e-8):
+        self.nbins = int(nbins)
+        self.eps = float(eps)
+
+    def __call__(self, img):
+        x = _channels_np(img).astype(np.float64)
+        out = np.zeros(x.shape, np.float32)
+        ts, ss = [], []
+        for c in range(x.shape[0]):
+            t = otsu_threshold(x[c], self.nbins)
+            s = float(x[c].std())
+            if t is None or s <= self.eps:
+                ts.append(float(x[c].flat[0]) if x[c].size else 0.0)
+                ss.append(0.0)
+                continue
+            out[c] = (x[c] - t) / s
+            ts.append(t)
+            ss.append(s)
+        res = _like(img, out)
+        if isinstance(res, MetaTensor):
+            res.meta["otsu_threshold"] = ts
+            res.meta["otsu_std"] = ss
+        return res
+
+
+class OtsuStandardized(MapTransform):
+    """Dictionary version of :class:`OtsuStandardize`."""
+
+    def __init__(self, keys: KeysCollection, nbins: int = 256, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.t = OtsuStandardize(nbins)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for k in self.key_iterator(d):
+            d[k] = self.t(d[k])
+        return d
+
+
+class ForegroundMask(Transform):
+    """Binary foreground per channel: ``x >= threshold``, 1.0 / 0.0 (float32).
+
+    Args:
+        threshold: a number (e.g. 0.0 for an Otsu-standardised image, which reproduces the
+            per-image Otsu foreground of the raw intensities on any crop), or ``"otsu"`` for
+            Otsu's threshold of the array given (per patch when applied after cropping). With
+            ``"otsu"``, a constant channel has no foreground (empty mask).
+        nbins: histogram bins for ``"otsu"``.
+
+    Input/output: ``CZYX`` or ``CYX``; the output has the input's type (MetaTensor keeps its meta).
+    """
+
+    def __init__(self, threshold: float | str = 0.0, nbins: int = 256):
+        if isinstance(threshold, str) and threshold != "otsu":
+            raise ValueError(f"threshold must be a number or 'otsu', got {threshold!r}")
+        self.threshold = threshold
+        self.nbins = int(nbins)
+
+    def mask_np(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        out = np.zeros(x.shape, np.float32)
+        for c in range(x.shape[0]):
+            if self.threshold == "otsu":
+                t = otsu_threshold(x[c], self.nbins)
+                if t is None:
+                    continue
+            else:
+                t = float(self.threshold)
+            out[c] = x[c] >= t
+        return out
+
+    def __call__(self, img):
+        return _like(img, self.mask_np(_channels_np(img)))
+
+
+class ForegroundMaskd(MapTransform):
+    """Dictionary version of :class:`ForegroundMask`: ``d[output_key] = mask(d[key])``.
+
+    ``output_keys`` default to ``keys`` (replace the image by its mask); use e.g.
+    ``keys="label", output_keys="fg"`` to keep the target and add its mask.
+    """
+
+    def __init__(self, keys: KeysCollection, output_keys: KeysCollection | None = None, threshold: float | str = 0.0,
+                 nbins: int = 256, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        out = self.keys if output_keys is None else ([output_keys] if isinstance(output_keys, str) else list(output_keys))
+        if len(out) != len(self.keys):
+            raise ValueError(f"{len(self.keys)} keys but {len(out)} output_keys")
+        self.output_keys = tuple(out)
+        self.t = ForegroundMask(threshold, nbins)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for k, o in self.key_iterator(d, self.output_keys):
+            d[o] = self.t(d[k])
+        return d
+
+
+def _window_counts(mask: np.ndarray, roi: Sequence[int]) -> np.ndarray:
+    """Foreground voxels of every ``roi``-sized window (one entry per valid start), via a summed-area table.
+
+    Own summed-area table: scipy's uniform_filter works in floating point and centres its window.
+    """
+    m = np.asarray(mask, dtype=np.int64)
+    sat = np.pad(m, [(1, 0)] * m.ndim)
+    for ax in range(m.ndim):
+        sat = np.cumsum(sat, axis=ax)
+    out_shape = [s - r + 1 for s, r in zip(m.shape, roi)]
+    total = np.zeros(out_shape, np.int64)
+    for corner in np.ndindex(*([2] * m.ndim)):  # inclusion-exclusion over the 2^ndim corners
+        sl = tuple(slice(r, r + o) if c else slice(0, o) for c, r, o in zip(corner, roi, out_shape))
+        sign = (-1) ** (m.ndim - sum(corner))
+        total += sign * sat[sl]
+    return total
+
+
+class RandForegroundPatchd(Randomizable, MapTransform):
+    """Random patch that contains at least ``min_fraction`` foreground (Spotlight's patch rule).
+
+    A position is drawn uniformly; the foreground fraction is checked *after* the crop. Up to
+    ``max_tries`` positions are tried. If none qualifies:
+
+    * with a fixed foreground definition (``fg_threshold`` a number, or ``None`` for a mask key),
+      every position is scored at once with a summed-area table and one qualifying position is
+      drawn uniformly, so a qualifying patch is **always** returned when one exists (the result
+      has the distribution of unbounded rejection sampling); when none exists, the patch with the
+      most foreground is returned and a warning names the image;
+    * with ``fg_threshold="otsu"`` (a per-patch Otsu foreground, which depends on the patch) the
+      best of the tries is returned with a warning.
+
+    All ``keys`` are cropped at the same position (MONAI ``SpatialCrop``, so the crop is recorded
+    in MetaTensor metadata). Images must be at least ``roi_size`` (use ``SpatialPadd`` with
+    ``mode="edge"`` first: constant 0 padding would be foreground after Otsu standardisation).
+
+    Args:
+        keys: keys to crop (``CZYX`` / ``CYX``).
+        fg_key: key defining the foreground (usually the Otsu-standardised target ``"label"``).
+        roi_size: patch size (spatial).
+        min_fraction: minimum foreground fraction (paper: 0.001, i.e. 0.1%).
+        max_tries: uniformly drawn positions tried before the fallback.
+        fg_threshold: ``None``: ``d[fg_key]`` is a mask (> 0.5 is foreground); a number:
+            ``d[fg_key] >= fg_threshold``; ``"otsu"``: Otsu's threshold of the patch. Channels are
+            combined with "any".
+    """
+
+    def __init__(self, keys: KeysCollection, fg_key: str, roi_size: Sequence[int], min_fraction: float = 0.001,
+                 max_tries: int = 10, fg_threshold: float | str | None = 0.0, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if isinstance(fg_threshold, str) and fg_threshold != "otsu":
+            raise ValueError(f"fg_threshold must be None, a number or 'otsu', got {fg_threshold!r}")
+        if not 0.0 <= min_fraction <= 1.0:
+            raise ValueError(f"min_fraction must be in [0, 1], got {min_fraction}")
+        self.fg_key = fg_key
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.min_fraction = float(min_fraction)
+        self.max_tries = max(int(max_tries), 1)
+        self.fg_threshold = fg_threshold
+        self.last_fraction: float | None = None  # foreground fraction of the last patch returned
+        self.last_tries: int = 0  # positions drawn for it (max_tries + 1 when the fallback ran)
+
+    def _mask(self, x: np.ndarray) -> np.ndarray:
+        if self.fg_threshold is None:
+            m = x > 0.5
+        elif self.fg_threshold == "otsu":
+            m = ForegroundMask("otsu").mask_np(x) > 0
+        else:
+            m = x >= float(self.fg_threshold)
+        return m.any(0)
+
+    def randomize(self, data=None) -> None:  # positions are drawn in __call__ (one per try)
+        pass
+
+    def _start(self, spatial) -> tuple:
+        return tuple(int(self.R.randint(0, s - r + 1)) for s, r in zip(spatial, self.roi_size))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        fg = _channels_np(d[self.fg_key])
+        spatial = fg.shape[1:]
+        if len(spatial) != len(self.roi_size):
+            raise ValueError(f"roi_size {self.roi_size} does not match the image's spatial shape {spatial}")
+        if any(s < r for s, r in zip(spatial, self.roi_size)):
+            raise ValueError(f"image {spatial} is smaller than the patch {self.roi_size}: pad it first (SpatialPadd)")
+        n_vox = int(np.prod(self.roi_size))
+        need = self.min_fraction * n_vox
+        best, best_count = None, -1
+        start = None
+        for i in range(self.max_tries):
+            s = self._start(spatial)
+            sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(s, self.roi_size))
+            count = int(self._mask(fg[sl]).sum())
+            if count >= need - 1e-9:
+                start, best_count = s, count
+                self.last_tries = i + 1
+                break
+            if count > best_count:
+                best, best_count = s, count
+        if start is None:
+            self.last_tries = self.max_tries + 1
+            name = getattr(d[self.fg_key], "meta", {}).get("filename_or_obj", self.fg_key)
+            if self.fg_threshold == "otsu":
+                start = best
+                warnings.warn(f"{name}: no patch with >= {self.min_fraction:.4%} foreground in {self.max_tries} "
+                              f"tries; using the best ({best_count / n_vox:.4%})")
+            else:
+                counts = _window_counts(self._mask(fg), self.roi_size)
+                ok = np.flatnonzero(counts.ravel() >= need - 1e-9)
+                if ok.size:
+                    flat = int(ok[self.R.randint(0, ok.size)])
+                else:
+                    flat = int(np.argmax(counts))
+                    warnings.warn(f"{name}: no {self.roi_size} patch anywhere has >= {self.min_fraction:.4%} "
+                                  f"foreground; using the one with the most ({counts.ravel()[flat] / n_vox:.4%})")
+                start = tuple(int(v) for v in np.unravel_index(flat, counts.shape))
+                best_count = int(counts.ravel()[flat])
+        self.last_fraction = best_count / n_vox
+        crop = SpatialCrop(roi_start=start, roi_end=[a + r for a, r in zip(start, self.roi_size)])
+        for k in self.key_iterator(d):
+            d[k] = crop(d[k])
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Cell instances from distance maps (Bonte et al., isl_cell_instance): training target and
+# post-processing. The watershed itself is common.segmentation.hmaxima_watershed.
+# ----------------------------------------------------------------------------------------------
+import scipy.ndimage as _ndi  # noqa: E402
+
+__all__ += [
+    "LabelFormatError",
+    "as_instance_labels",
+    "instance_distance_map",
+    "DistanceMaskTarget",
+    "DistanceMaskTargetd",
+    "DistanceMaskToInstances",
+    "DistanceMaskToInstancesd",
+]
+
+
+class LabelFormatError(ValueError):
+    """A label image cannot be read as instance labels (non-integer values, negative, several channels)."""
+
+
+def _source_name(img) -> str:
+    name = getattr(img, "meta", {}).get("filename_or_obj", "") if isinstance(img, MetaTensor) else ""
+    return f"{name}: " if name else ""
+
+
+def as_instance_labels(labels, label_components: bool | str = "auto", connectivity: int = 1,
+                       channel_first: bool = True) -> np.ndarray:
+    """Instance labels (``int32``, 0 = background) from an instance-label image or a binary mask.
+
+    Args:
+        labels: ``1YX`` / ``1ZYX`` array or tensor (``channel_first``), or ``YX`` / ``ZYX``.
+        label_components: ``True``: the input is a binary mask (any non-zero value is foreground) and
+            instances are its connected components (BBBC030's filled outlines; touching cells then
+            merge). ``False``: the values are instance ids. ``"auto"``: connected components when the
+            image holds a single non-zero value (a binary mask such as 0/255), ids otherwise.
+        connectivity: neighbourhood of the connected components (1 .. ndim).
+        channel_first: the input has a leading channel axis of size 1.
+
+    Returns:
+        ``int32`` array without the channel axis; labels keep their ids unless components are taken.
+
+    Raises:
+        LabelFormatError: several channels, non-integer or negative values (e.g. an intensity
+            image given as the label), named with the file when the input is a ``MetaTensor``.
+    """
+    src = _source_name(labels)
+    arr = _channels_np(labels)
+    if channel_first:
+        if arr.ndim not in (3, 4) or arr.shape[0] != 1:
+            raise LabelFormatError(f"{src}label image of shape {arr.shape}: expected one channel of instance ids "
+                                   "(1YX or 1ZYX)")
+        arr = arr[0]
+    elif arr.ndim not in (2, 3):
+        raise LabelFormatError(f"{src}label image of shape {arr.shape}: expected YX or ZYX")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise LabelFormatError(f"{src}label image contains NaN/inf")
+        if not np.array_equal(arr, np.round(arr)):
+            raise LabelFormatError(f"{src}label image has non-integer values (an intensity image given as the label?);"
+                                   " expected instance ids or a binary mask")
+    elif arr.dtype.kind not in "uib":
+        raise LabelFormatError(f"{src}label image has unsupported dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise LabelFormatError(f"{src}label image has negative values")
+    if label_components not in (True, False, "auto"):
+        raise ValueError(f"label_components must be True, False or 'auto', got {label_components!r}")
+    binary = label_components is True
+    if label_components == "auto":
+        binary = np.unique(arr[arr != 0]).size == 1
+    if binary:
+        from skimage.measure import label as _label
+
+        return _label(arr != 0, connectivity=connectivity).astype(np.int32)
+    if arr.size and arr.max() > np.iinfo(np.int32).max:
+        raise LabelFormatError(f"{src}label ids exceed int32")
+    return arr.astype(np.int32)
+
+
+def instance_distance_map(labels, spacing=None) -> np.ndarray:
+    """Distance of every pixel to the edge of its own instance, normalised to ``[0, 1]`` per instance.
+
+    For each instance ``k``: the Euclidean distance (``spacing`` units) to the nearest pixel that is
+    not ``k`` (background or a neighbouring instance, so touching cells are separated by a valley
+    of zeros), divided by its maximum inside ``k``. Every instance therefore peaks at exactly 1, small
+    and large cells alike (Bonte et al.'s normalised distance target). The image border does not
+    count as an edge: a cell cut by the border keeps its distances to its in-image outline.
+
+    Args:
+        labels: ``YX`` or ``ZYX`` integer instance labels, 0 = background.
+        spacing: pixel size per axis (default 1).
+
+    Returns:
+        ``float32`` array of the same shape; 0 on background, ``(0, 1]`` inside instances.
+    """
+    lab = np.asarray(labels)
+    if lab.dtype.kind not in "uib":
+        raise LabelFormatError(f"instance_distance_map needs integer labels, got dtype {lab.dtype}")
+    out = np.zeros(lab.shape, np.float32)
+    for k, sl in enumerate(_ndi.find_objects(lab.astype(np.int64, copy=False)), start=1):
+        if sl is None:
+            continue
+        # one pixel wider than the object so that its outside is in the window (not past the image border)
+        sl = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(sl, lab.shape))
+        m = lab[sl] == k
+        if m.all():  # the instance fills the whole image: measure to the image border instead
+            d = _ndi.distance_transform_edt(np.pad(m, 1), sampling=spacing)[tuple(slice(1, -1) for _ in m.shape)]
+        else:
+            d = _ndi.distance_transform_edt(m, sampling=spacing)
+        top = float(d[m].max())
+        out[sl][m] = (d[m] / top).astype(np.float32)
+    return out
+
+
+class DistanceMaskTarget(Transform):
+    """Instance labels -> the 2-channel training target ``[normalised distance, mask]`` (Bonte et al.).
+
+    Computed on the fly from the label image (nothing is stored as files): channel 0 is
+    :func:`instance_distance_map`, channel 1 the binary foreground (1.0 inside any instance).
+
+    Args:
+        label_components: how the label image is read, see :func:`as_instance_labels`
+            (``"auto"``: a binary mask such as BBBC030's 0/255 becomes connected components).
+        connectivity: neighbourhood of the connected components.
+
+    Input: ``1YX`` / ``1ZYX`` (or ``YX`` / ``ZYX``) instance ids or binary mask.
+    Output: ``2YX`` / ``2ZYX`` float32, of the input's type (a ``MetaTensor`` keeps affine and meta).
+    """
+
+    def __init__(self, label_components: bool | str = "auto", connectivity: int = 1):
+        self.label_components = label_components
+        self.connectivity = int(connectivity)
+
+    def instances(self, img) -> np.ndarray:
+        """``int32`` instance labels without the channel axis."""
+        return as_instance_labels(img, self.label_components, self.connectivity)
+
+    def from_instances(self, inst: np.ndarray) -> np.ndarray:
+        """``2YX`` target from ``int32`` instance labels (``YX`` / ``ZYX``)."""
+        return np.stack([instance_distance_map(inst), (inst > 0).astype(np.float32)])
+
+    def __call__(self, img):
+        return _like(img, self.from_instances(self.instances(img)))
+
+
+class DistanceMaskTargetd(MapTransform):
+    """Dictionary version of :class:`DistanceMaskTarget`.
+
+    ``d[key]`` is replaced by the 2-channel target; with ``instances_key`` the ``1YX`` ``int32``
+    instance labels are kept under that key too (for instance metrics in validation and for
+    foreground-aware cropping).
+    """
+
+    def __init__(self, keys: KeysCollection, instances_key: str | None = None, label_components: bool | str = "auto",
+                 connectivity: int = 1, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if instances_key is not None and len(self.keys) != 1:
+            raise ValueError("instances_key needs exactly one key")
+        self.instances_key = instances_key
+        self.t = DistanceMaskTarget(label_components, connectivity)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for k in self.key_iterator(d):
+            inst = self.t.instances(d[k])
+            if self.instances_key is not None:
+                d[self.instances_key] = _like(d[k], inst[None])
+            d[k] = _like(d[k], self.t.from_instances(inst))
+        return d
+
+
+class DistanceMaskToInstances(Transform):
+    """Network output ``[distance, mask logit]`` -> instance labels (h-maxima watershed).
+
+    The predicted distance map (negative values clipped to 0) is flooded from its h-maxima inside
+    the predicted mask ``sigmoid(logit) > mask_threshold``, with
+    :func:`common.segmentation.hmaxima_watershed`; objects smaller than ``min_size`` pixels are
+    removed and the rest renumbered ``1..n``.
+
+    Args:
+        h: minimal dynamic of a distance maximum to seed a cell (units of the normalised distance).
+        reconstruct: markers from the reconstruction of ``f - h`` under ``f`` (the authors' code)
+            instead of plain h-maxima; see :func:`common.segmentation.hmaxima_watershed`.
+        mask_threshold: probability threshold of the mask channel.
+        logits: the mask channel holds logits (default; the bundle's network has no final
+            activation). ``False``: it holds probabilities already.
+        min_size: smallest object kept, in pixels.
+        connectivity: neighbourhood (1 .. ndim) of markers and watershed.
+        distance_channel, mask_channel: channel indices in the prediction.
+
+    Input: ``CYX`` / ``CZYX`` (``C >= 2``) array or tensor.
+    Output: ``1YX`` / ``1ZYX`` ``int32`` labels of the input's type (a ``MetaTensor`` keeps its meta).
+    """
+
+    def __init__(self, h: float = 0.3, reconstruct: bool = False, mask_threshold: float = 0.5, logits: bool = True,
+                 min_size: int = 0, connectivity: int = 1, distance_channel: int = 0, mask_channel: int = 1):
+        if not h > 0:
+            raise ValueError(f"h must be > 0, got {h}")
+        if not 0.0 < mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold is a probability in (0, 1), got {mask_threshold}")
+        self.h = float(h)
+        self.reconstruct = bool(reconstruct)
+        self.mask_threshold = float(mask_threshold)
+        self.logits = bool(logits)
+        self.min_size = int(min_size)
+        self.connectivity = int(connectivity)
+        self.distance_channel = int(distance_channel)
+        self.mask_channel = int(mask_channel)
+
+    def labels_np(self, pred: np.ndarray) -> np.ndarray:
+        """``int32`` labels (no channel axis) from a ``CYX`` / ``CZYX`` numpy prediction."""
+        from common.segmentation import _size_filter, hmaxima_watershed
+
+        pred = np.asarray(pred, dtype=np.float64)
+        if pred.ndim not in (3, 4) or pred.shape[0] <= max(self.distance_channel, self.mask_channel):
+            raise ValueError(f"expected a CYX/CZYX prediction with channels [distance, mask], got shape {pred.shape}")
+        if not np.isfinite(pred).all():
+            raise ValueError("prediction contains NaN/inf")
+        dist = np.clip(pred[self.distance_channel], 0.0, None)
+        m = pred[self.mask_channel]
+        if self.logits:  # sigmoid(x) > t  <=>  x > logit(t), without overflow
+            mask = m > np.log(self.mask_threshold / (1.0 - self.mask_threshold))
+        else:
+            mask = m > self.mask_threshold
+        lab = hmaxima_watershed(dist, mask, h=self.h, reconstruct=self.reconstruct, connectivity=self.connectivity)
+        return _size_filter(lab, self.min_size)
+
+    def __call__(self, img):
+        return _like(img, self.labels_np(_channels_np(img))[None])
+
+
+class DistanceMaskToInstancesd(MapTransform):
+    """Dictionary version of :class:`DistanceMaskToInstances`.
+
+    ``output_keys`` default to ``keys`` (the prediction is replaced by its labels); e.g.
+    ``keys="pred", output_keys="pred_instances"`` keeps the raw maps as well.
+    """
+
+    def __init__(self, keys: KeysCollection, output_keys: KeysCollection | None = None, h: float = 0.3,
+                 reconstruct: bool = False, mask_threshold: float = 0.5, logits: bool = True, min_size: int = 0,
+                 connectivity: int = 1, distance_channel: int = 0, mask_channel: int = 1,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        out = self.keys if output_keys is None else ([output_keys] if isinstance(output_keys, str) else list(output_keys))
+        if len(out) != len(self.keys):
+            raise ValueError(f"{len(self.keys)} keys but {len(out)} output_keys")
+        self.output_keys = tuple(out)
+        self.t = DistanceMaskToInstances(h, reconstruct, mask_threshold, logits, min_size, connectivity,
+                                         distance_channel, mask_channel)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for k, o in self.key_iterator(d, self.output_keys):
+            d[o] = self.t(d[k])
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# FUCCI spheroid preprocessing (unet3d_fucci, after Tiling 2024): each step is optional
+# (``enabled=False`` makes it the identity) and works per channel on ``CZYX`` (or ``CYX``)
+# intensities already scaled to [0, 1] (MONAI ``ScaleIntensityRangePercentilesd(..., clip=True)``);
+# every step returns values in [0, 1] and the input's shape and type (MetaTensor meta kept).
+# ----------------------------------------------------------------------------------------------
+
+__all__ += [
+    "BackgroundThreshold",
+    "BackgroundThresholdd",
+    "GammaCorrection",
+    "GammaCorrectiond",
+    "CLAHE",
+    "CLAHEd",
+    "MedianFilter",
+    "MedianFilterd",
+    "TopHatRemoval",
+    "TopHatRemovald",
+]
+
+
+def _check_unit_range(x: np.ndarray, name: str) -> None:
+    lo, hi = float(x.min(initial=0.0)), float(x.max(initial=0.0))
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"{name} expects intensities in [0, 1], got {lo:.4g}..{hi:.4g}: put "
+                         "ScaleIntensityRangePercentilesd(..., b_min=0, b_max=1, clip=True) before it")
+
+
+def _per_channel(img, fn, name: str, check_range: bool = True):
+    """Apply ``fn`` (numpy ``ZYX``/``YX`` -> same shape) to every channel of ``img``."""
+    x = _channels_np(img).astype(np.float32, copy=False)
+    if check_range:
+        _check_unit_range(x, name)
+    out = np.stack([np.asarray(fn(c), dtype=np.float32) for c in x]) if x.shape[0] else x
+    return _like(img, np.clip(out, 0.0, 1.0).astype(np.float32, copy=False))
+
+
+class _PerChannelDict(MapTransform):
+    """Dictionary twin of a per-channel array transform (``transform`` applied to every key)."""
+
+    array_cls: type = Transform
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.t = self.array_cls(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for k in self.key_iterator(d):
+            d[k] = self.t(d[k])
+        return d
+
+
+class BackgroundThreshold(Transform):
+    """Set every value below ``threshold`` to 0 (dark background and camera offset to exactly 0).
+
+    Input/output: ``CZYX``/``CYX`` in [0, 1]; values ``>= threshold`` are unchanged.
+    """
+
+    def __init__(self, threshold: float = 0.05, enabled: bool = True):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1] (scaled intensities), got {threshold}")
+        self.threshold = float(threshold)
+        self.enabled = enabled
+
+    def __call__(self, img):
+        if not self.enabled:
+            return img
+        return _per_channel(img, lambda c: np.where(c < self.threshold, 0.0, c), "BackgroundThreshold")
+
+
+class GammaCorrection(Transform):
+    """``x ** gamma`` (:func:`skimage.exposure.adjust_gamma`): ``gamma < 1`` brightens dim nuclei.
+
+    Input/output: ``CZYX``/``CYX`` in [0, 1] (0 and 1 are fixed points).
+    """
+
+    def __init__(self, gamma: float = 1.0, enabled: bool = True):
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.enabled = enabled
+
+    def __call__(self, img):
+        if not self.enabled or self.gamma == 1.0:
+            return img
+        from skimage.exposure import adjust_gamma
+
+        return _per_channel(img, lambda c: adjust_gamma(c, self.gamma), "GammaCorrection")
+
+
+class CLAHE(Transform):
+    """Contrast-limited adaptive histogram equalisation (:func:`skimage.exposure.equalize_adapthist`).
+
+    ``tile_grid`` is the number of contextual regions per axis, as OpenCV's ``tileGridSize``:
+    ``(ty, tx)`` gives per-z-slice regions of ``ceil(Y / ty) x ceil(X / tx)`` pixels (the histogram
+    of each region is built in its own slice, as slice-wise OpenCV CLAHE, but with one intensity
+    scale for the whole stack, so nearly empty slices are not stretched to full range);
+    ``(tz, ty, tx)`` gives 3D regions. ``clip_limit`` is scikit-image's normalised limit (0..1).
+
+    Input/output: ``CZYX``/``CYX`` in [0, 1]; a constant channel is returned unchanged.
+    """
+
+    def __init__(self, clip_limit: float = 0.01, tile_grid: Sequence[int] = (8, 8), nbins: int = 256,
+                 enabled: bool = True):
+        if not 0.0 < clip_limit <= 1.0:
+            raise ValueError(f"clip_limit must be in (0, 1], got {clip_limit}")
+        self.tile_grid = tuple(int(t) for t in tile_grid)
+        if len(self.tile_grid) not in (2, 3) or min(self.tile_grid) < 1:
+            raise ValueError(f"tile_grid must be 2 (YX) or 3 (ZYX) positive ints, got {tile_grid}")
+        self.clip_limit = float(clip_limit)
+        self.nbins = int(nbins)
+        self.enabled = enabled
+
+    def kernel_size(self, shape: Sequence[int]) -> tuple:
+        """Contextual-region size in voxels for a ``ZYX`` or ``YX`` channel of ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        grid = self.tile_grid
+        if len(grid) == 2 and len(shape) == 3:
+            grid = (shape[0],) + grid  # one region per z-slice
+        if len(grid) != len(shape):
+            raise ValueError(f"tile_grid {self.tile_grid} does not fit a channel of shape {shape}")
+        return tuple(max(1, -(-s // g)) for s, g in zip(shape, grid))
+
+    def _one(self, c: np.ndarray) -> np.ndarray:
+        from skimage.exposure import equalize_adapthist
+
+        lo, hi = float(c.min()), float(c.max())
+        if hi == lo:
+            return c
+        out = equalize_adapthist(c, kernel_size=self.kernel_size(c.shape), clip_limit=self.clip_limit,
+                                 nbins=self.nbins)
+        return out * (hi - lo) + lo  # scikit-image rescales to [0, 1]; keep the channel's range
+
+    def __call__(self, img):
+        if not self.enabled:
+            return img
+        return _per_channel(img, self._one, "CLAHE")
+
+
+class MedianFilter(Transform):
+    """Median filter (:func:`scipy.ndimage.median_filter`, ``mode="nearest"``) against shot noise.
+
+    ``size``: window per axis, e.g. ``(1, 3, 3)`` = 3x3 within each z-slice (anisotropic stacks),
+    or one int. Input/output: ``CZYX``/``CYX`` in [0, 1].
+    """
+
+    def __init__(self, size: int | Sequence[int] = (1, 3, 3), enabled: bool = True):
+        self.size = size if isinstance(size, int) else tuple(int(s) for s in size)
+        if min(np.atleast_1d(self.size)) < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.enabled = enabled
+
+    def __call__(self, img):
+        if not self.enabled:
+            return img
+        import scipy.ndimage as ndi
+
+        def one(c):
+            size = self.size
+            if not isinstance(size, int) and len(size) != c.ndim:
+                raise ValueError(f"median size {size} does not fit a channel of shape {c.shape}")
+            return ndi.median_filter(c, size=size, mode="nearest")
+
+        return _per_channel(img, one, "MedianFilter")
+
+
+class TopHatRemoval(Transform):
+    """Remove small bright artefacts: ``x - white_tophat(x)`` (= grey opening, :func:`scipy.ndimage.white_tophat`).
+
+    Bright structures that fit nowhere inside the footprint (an ellipsoid of semi-axes ``radius``
+    voxels per axis; radius 0 along z = within each slice) are flattened to their surroundings;
+    nuclei larger than the footprint are kept. Choose ``radius`` below the nucleus radius and
+    above the debris radius. Input/output: ``CZYX``/``CYX`` in [0, 1], never brighter than the input.
+    """
+
+    def __init__(self, radius: float | Sequence[float] = (0, 2, 2), enabled: bool = True):
+        self.radius = radius
+        self.enabled = enabled
+
+    def __call__(self, img):
+        if not self.enabled:
+            return img
+        import scipy.ndimage as ndi
+
+        from common.segmentation import _ellipsoid_footprint
+
+        def one(c):
+            radii = [float(self.radius)] * c.ndim if np.isscalar(self.radius) else [float(r) for r in self.radius]
+            if len(radii) != c.ndim or min(radii) < 0:
+                raise ValueError(f"radius {self.radius} does not fit a channel of shape {c.shape}")
+            return c - ndi.white_tophat(c, footprint=_ellipsoid_footprint(radii), mode="nearest")
+
+        return _per_channel(img, one, "TopHatRemoval")
+
+
+class BackgroundThresholdd(_PerChannelDict):
+    """Dictionary version of :class:`BackgroundThreshold`."""
+
+    array_cls = BackgroundThreshold
+
+
+class GammaCorrectiond(_PerChannelDict):
+    """Dictionary version of :class:`GammaCorrection`."""
+
+    array_cls = GammaCorrection
+
+
+class CLAHEd(_PerChannelDict):
+    """Dictionary version of :class:`CLAHE`."""
+
+    array_cls = CLAHE
+
+
+class MedianFilterd(_PerChannelDict):
+    """Dictionary version of :class:`MedianFilter`."""
+
+    array_cls = MedianFilter
+
+
+class TopHatRemovald(_PerChannelDict):
+    """Dictionary version of :class:`TopHatRemoval`."""
+
+    array_cls = TopHatRemoval

@@ -1,0 +1,1 @@
+"""Library of the zoo's MONAI Label app (see ``main.py``)."""

@@ -1,0 +1,284 @@
+"""Package the zoo's bundles as MONAI bundle zips and write the zoo index ``model_info.json``.
+
+    python scripts/package_bundles.py --out_dir dist
+    python scripts/package_bundles.py --out_dir dist --bundles fnet_baseline,spotlight_dna \
+        --base_url https://example.org/labelfree-zoo/v0.1
+    python scripts/package_bundles.py --out_dir dist --torchscript      # also export models/model.ts
+
+For every bundle (a folder of ``bundles/`` with ``configs/metadata.json``) it writes
+``<out_dir>/<name>_v<version>.zip`` with a single top folder ``<name>/``::
+
+    <name>/configs/   metadata.json, inference.json, train.json, ... (as in the repository)
+    <name>/docs/      README.md and figures
+    <name>/LICENSE
+    <name>/models/    model.pt (plain state_dict) and model.ts (TorchScript), when present
+    <name>/scripts/   bundle-local code, when the bundle has some
+    <name>/common/    the zoo's shared package, vendored so the bundle runs without this repository
+
+A downloaded bundle runs from its own folder (``cd <name> && python -m monai.bundle run ...``: ``python -m``
+puts the working directory, and so the vendored ``common``, on ``sys.path``) or from anywhere with
+``PYTHONPATH=<dir>/<name>``.
+
+``<out_dir>/model_info.json`` maps ``"<name>_v<version>"`` to ``{"checksum": "<sha256 of the zip>",
+"source": "<url>"}``, MONAI's own index format. Entries already there for other versions are kept, so one
+folder can hold a zoo's whole release history. Without ``--base_url`` a source is the zip's file name,
+which ``scripts/zoo.py`` resolves against the index's own location (a URL or a folder).
+
+Versions must be semantic versions (``MAJOR.MINOR.PATCH``) with an entry in the metadata's ``changelog``;
+every problem of every bundle is reported before anything is written. Zips are reproducible: the same
+files give the same bytes and so the same checksum (fixed timestamps and permissions, sorted entries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import fire
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLES_DIR = os.path.join(ROOT, "bundles")
+COMMON_DIR = os.path.join(ROOT, "common")
+INDEX_NAME = "model_info.json"
+
+# semver.org 2.0.0 (build metadata allowed, ignored for ordering)
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+                    r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
+                    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$")
+# what a bundle must ship (relative to its folder)
+REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "docs/README.md", "LICENSE")
+# never packaged: caches, run outputs, MONAI Label's generated config, data
+SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", "runs", "eval", "data", ".pytest_cache"}
+SKIP_CONFIGS = {"monailabel_train.json"}
+WEIGHT_SUFFIXES = (".pt", ".ts")
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # earliest date a zip can hold: reproducible archives
+
+
+class PackagingError(ValueError):
+    """A bundle cannot be packaged; the message lists every problem found."""
+
+
+def find_bundles(bundles_dir: str = BUNDLES_DIR) -> list[str]:
+    """Names of the bundle folders (those with ``configs/metadata.json``), sorted."""
+    if not os.path.isdir(bundles_dir):
+        raise PackagingError(f"{bundles_dir}: bundles folder not found")
+    return sorted(n for n in os.listdir(bundles_dir)
+                  if os.path.isfile(os.path.join(bundles_dir, n, "configs", "metadata.json")))
+
+
+def check_bundle(root: str, require_weights: bool = False) -> tuple[dict, list[str]]:
+    """Read and check a bundle folder; returns ``(metadata, problems)`` (problems empty when packageable)."""
+    name = os.path.basename(os.path.normpath(root))
+    problems = []
+    for rel in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(root, rel)):
+            problems.append(f"{name}: {rel} missing")
+    meta = {}
+    meta_path = os.path.join(root, "configs", "metadata.json")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            problems.append(f"{meta_path}: not valid JSON ({e})")
+    version = meta.get("version")
+    if meta and not isinstance(version, str):
+        problems.append(f"{meta_path}: no 'version' string")
+    elif meta and not SEMVER.match(version):
+        problems.append(f"{meta_path}: version {version!r} is not a semantic version MAJOR.MINOR.PATCH (e.g. 0.2.0)")
+    elif meta and version not in (meta.get("changelog") or {}):
+        problems.append(f"{meta_path}: changelog has no entry for version {version} (add \"{version}\": \"what changed\")")
+    if require_weights and not os.path.isfile(os.path.join(root, "models", "model.pt")):
+        problems.append(f"{name}: models/model.pt missing (train the bundle or drop --require_weights)")
+    return meta, problems
+
+
+def _walk(folder: str, arc_prefix: str, suffixes=None) -> list[tuple[str, str]]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith(".") or fn.endswith((".pyc", ".pyo")):
+                continue
+            if suffixes is not None and not fn.endswith(suffixes):
+                continue
+            src = os.path.join(dirpath, fn)
+            if os.path.islink(src):
+                continue  # a link could point anywhere; zips hold plain files only
+            rel = os.path.relpath(src, folder).replace(os.sep, "/")
+            out.append((f"{arc_prefix}/{rel}", src))
+    return out
+
+
+def bundle_files(root: str, common_dir: str = COMMON_DIR, extra: dict | None = None) -> list[tuple[str, str]]:
+    """``[(name in the zip, source path), ...]`` for a bundle folder, sorted, ``common`` vendored.
+
+    ``extra`` maps further zip paths (relative to the top folder) to source files, e.g. an exported
+    ``models/model.ts``.
+    """
+    name = os.path.basename(os.path.normpath(root))
+    files = [(a, s) for a, s in _walk(os.path.join(root, "configs"), f"{name}/configs")
+             if os.path.basename(a) not in SKIP_CONFIGS]
+    files += _walk(os.path.join(root, "docs"), f"{name}/docs")
+    files.append((f"{name}/LICENSE", os.path.join(root, "LICENSE")))
+    models = os.path.join(root, "models")
+    if os.path.isdir(models):
+        files += [(f"{name}/models/{fn}", os.path.join(models, fn)) for fn in sorted(os.listdir(models))
+                  if fn.endswith(WEIGHT_SUFFIXES) and not fn.startswith(("checkpoint", "."))
+                  and os.path.isfile(os.path.join(models, fn))]
+    if os.path.isdir(os.path.join(root, "scripts")):
+        files += _walk(os.path.join(root, "scripts"), f"{name}/scripts")
+    if not os.path.isfile(os.path.join(common_dir, "__init__.py")):
+        raise PackagingError(f"{common_dir}: not the zoo's common package (no __init__.py)")
+    files += _walk(common_dir, f"{name}/common", suffixes=(".py", ".json", ".typed"))
+    for arc, src in (extra or {}).items():
+        files = [(a, s) for a, s in files if a != f"{name}/{arc}"] + [(f"{name}/{arc}", src)]
+    return sorted(files)
+
+
+def write_zip(path: str, files: list[tuple[str, str]]) -> str:
+    """Write a reproducible zip atomically (temporary file + rename); returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".zip", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for arc, src in sorted(files):
+                info = zipfile.ZipInfo(arc, date_time=ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.create_system = 3  # unix, so that the permission bits below are honoured
+                info.external_attr = (0o100644 & 0xFFFF) << 16
+                with open(src, "rb") as f, zf.open(info, "w") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_index(path: str) -> dict:
+    """An existing ``model_info.json`` (``{}`` when there is none)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise PackagingError(f"{path}: existing index is not valid JSON ({e}); fix or remove it") from e
+    if not isinstance(index, dict):
+        raise PackagingError(f"{path}: existing index is not a JSON object")
+    return index
+
+
+def export_torchscript(root: str, out_path: str, repo_root: str = ROOT, timeout: int = 1800) -> str:
+    """``monai.bundle ckpt_export`` of ``models/model.pt`` into ``out_path`` (the bundle folder is not touched)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", out_path,
+           "--ckpt_file", os.path.join(root, "models", "model.pt"),
+           "--meta_file", os.path.join(root, "configs", "metadata.json"),
+           "--config_file", os.path.join(root, "configs", "inference.json"), "--bundle_root", root]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, root, env.get("PYTHONPATH", "")) if p)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0 or not os.path.isfile(out_path):
+        raise PackagingError(f"{root}: TorchScript export failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+    return out_path
+
+
+def package(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR, common_dir: str = COMMON_DIR,
+            base_url: str | None = None, torchscript: bool = False, require_weights: bool = False) -> dict:
+    """Package bundles into ``out_dir`` and update ``out_dir/model_info.json``; returns the new index entries.
+
+    Args:
+        out_dir: where the zips and the index go (created if needed).
+        bundles: ``"all"`` or bundle names (comma-separated string or list).
+        bundles_dir: folder of bundle folders (default: this repository's ``bundles/``).
+        common_dir: the ``common`` package to vendor (default: this repository's).
+        base_url: URL the zips will be served from; the index then holds absolute URLs.
+        torchscript: export ``models/model.ts`` from ``models/model.pt`` where the bundle has none.
+        require_weights: refuse bundles without ``models/model.pt``.
+    """
+    available = find_bundles(bundles_dir)
+    if bundles in (None, "all", ("all",), ["all"]):
+        names = available
+    else:
+        names = [n.strip() for n in (bundles.split(",") if isinstance(bundles, str) else bundles) if n.strip()]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise PackagingError(f"unknown bundle(s) {unknown} in {bundles_dir}; available: {available}")
+    if not names:
+        raise PackagingError(f"{bundles_dir}: no bundles (folders with configs/metadata.json) to package")
+    metas, problems = {}, []
+    for n in names:
+        metas[n], p = check_bundle(os.path.join(bundles_dir, n), require_weights)
+        problems += p
+    if problems:
+        raise PackagingError(f"{len(problems)} problem(s), nothing written:\n  " + "\n  ".join(problems))
+
+    os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, INDEX_NAME)
+    index = read_index(index_path)
+    entries = {}
+    with tempfile.TemporaryDirectory(prefix="package_bundles_") as staging:
+        for i, n in enumerate(names, 1):
+            root = os.path.join(bundles_dir, n)
+            version = metas[n]["version"]
+            key = f"{n}_v{version}"
+            zip_name = f"{key}.zip"
+            extra = {}
+            has_pt = os.path.isfile(os.path.join(root, "models", "model.pt"))
+            if torchscript and has_pt and not os.path.isfile(os.path.join(root, "models", "model.ts")):
+                print(f"[{i}/{len(names)}] {n}: exporting TorchScript", flush=True)
+                extra["models/model.ts"] = export_torchscript(root, os.path.join(staging, f"{n}.ts"))
+            files = bundle_files(root, common_dir, extra)
+            zip_path = write_zip(os.path.join(out_dir, zip_name), files)
+            checksum = sha256_file(zip_path)
+            source = f"{base_url.rstrip('/')}/{zip_name}" if base_url else zip_name
+            entries[key] = {"checksum": checksum, "source": source}
+            weights = [a.split("/", 1)[1] for a, _ in files if a.startswith(f"{n}/models/")]
+            print(f"[{i}/{len(names)}] {zip_path}: {len(files)} files, weights: {', '.join(weights) or 'none'}, "
+                  f"sha256 {checksum}", flush=True)
+    index.update(entries)
+    _write_json_atomic(index_path, index)
+    print(f"index: {index_path} ({len(index)} entries)")
+    return entries
+
+
+def main(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR, common_dir: str = COMMON_DIR,
+         base_url: str | None = None, torchscript: bool = False, require_weights: bool = False):
+    """Command line: see the module docstring. Exits with status 1 and the list of problems on bad bundles."""
+    try:
+        package(out_dir, bundles, bundles_dir, common_dir, base_url, torchscript, require_weights)
+    except PackagingError as e:
+        sys.exit(f"package_bundles: error: {e}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
