@@ -41,7 +41,8 @@ def test_verify_metadata_offline(bundle):
 @pytest.mark.parametrize("bundle", ALL)
 def test_verify_net_in_out(bundle):
     root = os.path.join(BUNDLES, bundle)
-    p = run_bundle(bundle, "inference.json", dict(TINY.get(bundle, {})), cmd=("verify_net_in_out", "network_def"),
+    p = run_bundle(bundle, "inference.json", dict(TINY.get(bundle, {})),
+                   cmd=("verify_net_in_out", "network_def", "--meta_file", os.path.join(root, "configs", "metadata.json")),
                    check=False)
     assert p.returncode == 0 and "data shape of network is verified with no error" in p.output, p.output[-4000:]
 

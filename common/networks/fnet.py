@@ -100,7 +100,7 @@ class FNet(nn.Module):
     @property
     def size_multiple(self) -> int:
         """Every spatial size of the input must be a multiple of this (``2**depth``)."""
-        return 2**self.depth
+        return 1 << self.depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_out(self.levels(x))
