@@ -61,9 +61,11 @@ __all__ = [
     "phase_from_reporters",
     "reporter_thresholds",
     "nucleus_table",
+    "assign_phases",
     "phase_distribution",
     "phase_agreement",
     "save_phase_plot",
+    "save_preprocessing_preview",
 ]
 
 #: semantic classes of the 3-class ground truth
@@ -245,7 +247,7 @@ def semantic_from_instances(instances, edge_width: int = 1, per_slice: bool = Tr
     """
     lab = _labels3d(instances, "instances")
     fp = edge_footprint(edge_width, per_slice)
-    big = np.iinfo(np.int64).max
+    big = int(lab.max(initial=0)) + 1  # "no label" for the minimum (exact in scipy's float cval)
     hi = ndi.maximum_filter(lab, footprint=fp, mode="constant", cval=0)
     lo = ndi.minimum_filter(np.where(lab > 0, lab, big), footprint=fp, mode="constant", cval=big)
     edge = ((hi > 0) & (hi != lab)) | ((lo < big) & (lo != lab))
@@ -577,7 +579,8 @@ def nucleus_table(instances, image, channel_names: Sequence[str] = ("Cy3", "GFP"
             reporters.
         normalise_by: DNA channel to divide the reporter levels by, or ``None`` (raw levels).
         thresholds: ``"otsu"`` or ``{red: value or "otsu", green: value or "otsu"}`` in the units
-            of the reporter levels (ratios when ``normalise_by`` is set).
+            of the reporter levels (ratios when ``normalise_by`` is set); ``None`` measures only
+            (no phase columns; see :func:`assign_phases`).
         background: ``"auto"`` (median away from nuclei), ``None`` (0) or one value per channel.
         spheroid: name written in a ``spheroid`` column.
 
@@ -619,19 +622,35 @@ def nucleus_table(instances, image, channel_names: Sequence[str] = ("Cy3", "GFP"
     for c, name in enumerate(names):
         cols[f"mean_{name}"] = means[:, c]
     table = pd.DataFrame(cols)
+    if spheroid is not None:
+        table.insert(0, "spheroid", spheroid)
     denom = table[f"mean_{normalise_by}"].to_numpy() if normalise_by else np.ones(len(table))
     denom = np.where(denom > 0, denom, np.nan)
+    for ch in (red, green):
+        table[f"level_{ch}"] = table[f"mean_{ch}"].to_numpy() / denom
+    if thresholds is None:
+        return table, {}
+    return assign_phases(table, red, green, thresholds)
+
+
+def assign_phases(table, red: str = "Cy3", green: str = "GFP", thresholds: Mapping[str, object] | str = "otsu"):
+    """Reporter on/off and phase for every row of a :func:`nucleus_table` (columns ``level_<red>``,
+    ``level_<green>``), e.g. after pooling the tables of all spheroids of an experiment so that one
+    threshold serves all of them (a drug that arrests every cell in G1 leaves one population,
+    which a per-spheroid Otsu would split).
+
+    Returns:
+        ``(table with <red>_on, <green>_on, phase columns, {red: t, green: t})``.
+    """
+    table = table.copy()
     th = thresholds if isinstance(thresholds, Mapping) else {red: thresholds, green: thresholds}
     used = {}
     for ch in (red, green):
-        level = table[f"mean_{ch}"].to_numpy() / denom
-        table[f"level_{ch}"] = level
+        level = table[f"level_{ch}"].to_numpy(dtype=np.float64)
         used[ch] = reporter_thresholds(level, th.get(ch, "otsu")) if len(table) else float("nan")
         table[f"{ch}_on"] = level > used[ch]
     table["phase"] = phase_from_reporters(table[f"{red}_on"].to_numpy(), table[f"{green}_on"].to_numpy()) \
         if len(table) else np.zeros(0, dtype=object)
-    if spheroid is not None:
-        table.insert(0, "spheroid", spheroid)
     return table, used
 
 
@@ -697,3 +716,41 @@ def save_phase_plot(distributions: Mapping[str, Mapping[str, float]], path: str 
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     return save_figure(fig, str(path))
+
+
+def save_preprocessing_preview(path: str | os.PathLike, image: str | os.PathLike, config: str | os.PathLike,
+                               input_channels: Sequence[int] = (0,), **overrides) -> str:
+    """Before/after PNG of a bundle's preprocessing: the ``intensity`` transform list of ``config``
+    (e.g. ``bundles/unet3d_fucci/configs/inference.json``) applied step by step to one stack, one
+    panel of orthogonal max-projections per enabled step (first input channel shown).
+
+    Args:
+        path: PNG to write (atomically).
+        image: a ``ZYX`` / ``CZYX`` stack.
+        config: bundle config holding ``intensity`` (and ``input_channels``, ``preproc``).
+        input_channels: channels fed to the network.
+        **overrides: config overrides (``"preproc#gamma": 0.7``; ``__`` may stand for ``#``).
+    """
+    from monai.bundle import ConfigParser
+
+    from common.io import LoadMicroscopy
+    from common.report import save_mip_figure
+
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["input_channels"] = [int(c) for c in np.atleast_1d(input_channels)]
+    for k, v in overrides.items():
+        parser[k.replace("__", "#")] = v
+    steps = parser.get_parsed_content("intensity")
+    img = LoadMicroscopy(spatial_dims=3)(str(image))
+    d = {"image": img}
+    panels = {}
+    for t in steps:
+        d = t(d)
+        name = type(t).__name__.removesuffix("d")
+        if name == "Lambda":
+            panels["input"] = np.asarray(d["image"][0])
+        elif getattr(getattr(t, "t", None), "enabled", True):
+            panels["scaled to [0, 1]" if name == "ScaleIntensityRangePercentiles" else name] = np.asarray(d["image"][0])
+    return save_mip_figure(str(path), panels, spacing=tuple(float(s) for s in img.pixdim),
+                           title=f"preprocessing of {os.path.basename(str(image))} (max-projections, left to right)")

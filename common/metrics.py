@@ -1326,11 +1326,11 @@ class InstanceMatchingMetric(CumulativeIterationMetric):
     def aggregate(self):
         tp, fp, fn, aji = self.counts()
         if self.metric == "aji":
-            return torch.tensor(float(aji.mean()))
+            return torch.tensor(float(aji.mean()), dtype=torch.float64)
         s = scores_from_counts(tp, fp, fn)
         if self.metric == "mAP":
-            return torch.tensor(s["mAP"])
-        return torch.tensor(float(s[self.metric][self.index]))
+            return torch.tensor(s["mAP"], dtype=torch.float64)
+        return torch.tensor(float(s[self.metric][self.index]), dtype=torch.float64)
 
 
 class InstanceAP(IgniteMetricHandler):

@@ -6,8 +6,8 @@
 ``aisegcell`` (../shared/data/aisegcell_bf_nuc, Schirmacher et al., CC-BY 4.0): bright field ->
 nuclear fluorescence, with nucleus masks. The split (fields, never pixels, are held out):
 
-* ``stage0_train.csv``: fig3a field ``train_field`` (p0001) + the 4 fig2a_timelapse time points
-  (bright field w00 -> nuclear w02, nucleus mask w02_m00);
+* ``stage0_train.csv``: fig3a field ``train_field`` (p0001) + (``timelapse=True``) the 4
+  fig2a_timelapse time points (bright field w00 -> nuclear w02, nucleus mask w02_m00);
 * ``test.csv``: the two other fig3a fields (p0011, p0013), for stage-0 Pearson r and stage-1 IoU;
 * ``pool.csv``: the few-shot "images": ``tile`` x ``tile`` tiles of the training fig3a field
   that contain at least one nucleus pixel (tiles/), in a seeded random order.
@@ -81,8 +81,12 @@ def _field(out: str, name: str, signal: np.ndarray, target: np.ndarray, label: n
 
 
 def aisegcell(out: str = "data/aisegcell", src: str | None = None, downsample: int = 2, train_field: str = "p0001",
-              tile: int = 256, seed: int = 0) -> dict:
-    """Write the aiSEGcell fields (see the module docstring); returns the manifest paths."""
+              tile: int = 256, seed: int = 0, timelapse: bool = True) -> dict:
+    """Write the aiSEGcell fields (see the module docstring); returns the manifest paths.
+
+    ``timelapse=False`` leaves the fig2a time points out of ``stage0_train.csv`` (stage 0 on the
+    fig3a training field only, the domain of the held-out fields).
+    """
     src = src or os.path.join(SHARED, "aisegcell_bf_nuc")
     if not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: aiSEGcell data not found (it sits at ../shared/data beside the project)")
@@ -108,7 +112,7 @@ def aisegcell(out: str = "data/aisegcell", src: str | None = None, downsample: i
         print(f"fig3a {field}: {bf.shape} ({'train' if field == train_field else 'test'})", flush=True)
     if train_arrays is None:
         raise ValueError(f"train_field {train_field!r} is not one of the fig3a fields in {src}")
-    for path in sorted(glob.glob(os.path.join(src, "fig2a_timelapse", "t*_w00.png"))):
+    for path in sorted(glob.glob(os.path.join(src, "fig2a_timelapse", "t*_w00.png"))) if timelapse else []:
         t = os.path.basename(path)[: -len("_w00.png")]
         base = os.path.join(src, "fig2a_timelapse", t)
         bf = _down(_read2d(path), k)

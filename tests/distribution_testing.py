@@ -214,18 +214,35 @@ json.dump(report, open(sys.argv[2], "w"))
 '''
 
 
-def run_driver(jobs: list, work: str, env: dict, python_args=(), cwd=None, timeout: int = 900) -> list:
+def start_driver(jobs: list, work: str, env: dict, python_args=(), cwd=None) -> dict:
+    """Start :data:`DRIVER` on ``jobs`` in a fresh interpreter (returns at once; see :func:`finish_driver`)."""
     import sys
 
     os.makedirs(work, exist_ok=True)
-    jobs_path, report_path, script = (os.path.join(work, n) for n in ("jobs.json", "report.json", "driver.py"))
+    jobs_path, report_path, script, log = (os.path.join(work, n) for n in ("jobs.json", "report.json", "driver.py",
+                                                                           "driver.log"))
     with open(jobs_path, "w") as f:
         json.dump(jobs, f)
     with open(script, "w") as f:
         f.write(DRIVER)
-    p = subprocess.run([sys.executable, *python_args, script, jobs_path, report_path], cwd=cwd or work, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"driver failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    with open(report_path) as f:
+    proc = subprocess.Popen([sys.executable, *python_args, script, jobs_path, report_path], cwd=cwd or work, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return {"proc": proc, "report": report_path, "log": log}
+
+
+def finish_driver(handle: dict, timeout: int = 900) -> list:
+    """Wait for a driver; its report (which ``common`` each bundle used), or an error with its log."""
+    proc = handle["proc"]
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process_tree(proc)
+        raise
+    if proc.returncode != 0:
+        raise AssertionError(f"driver failed ({proc.returncode}):\n{open(handle['log']).read()[-8000:]}")
+    with open(handle["report"]) as f:
         return json.load(f)
+
+
+def run_driver(jobs: list, work: str, env: dict, python_args=(), cwd=None, timeout: int = 900) -> list:
+    return finish_driver(start_driver(jobs, work, env, python_args, cwd), timeout)

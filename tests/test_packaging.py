@@ -17,6 +17,7 @@ import pytest
 from common.io import read_image, write_ome_tiff
 from distribution_testing import (
     ALL,
+    finish_driver,
     free_port,
     input_spec,
     load_script,
@@ -24,6 +25,7 @@ from distribution_testing import (
     metadata,
     run_driver,
     sample_image,
+    start_driver,
     stop_process_tree,
     unusable_reason,
     wait_for_http,
@@ -286,7 +288,7 @@ def downloaded_runs(served, tmp_path_factory):
                                             output_dir=str(base / "out_repo" / b))})
         dl_jobs.append({"bundle": b, "path": str(dl / b), "config": str(dl / b / "configs" / "inference.json"),
                         "overrides": dict(common_ov, bundle_root=str(dl / b), output_dir=str(base / "out_dl" / b))})
-    repo_report = run_driver(repo_jobs, str(base / "driver_repo"), env())
+    repo_driver = start_driver(repo_jobs, str(base / "driver_repo"), env())  # the two run side by side
     import site
 
     iso_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
@@ -294,7 +296,10 @@ def downloaded_runs(served, tmp_path_factory):
     iso_env.setdefault("OMP_NUM_THREADS", "2")
     elsewhere = base / "elsewhere"
     elsewhere.mkdir()
-    dl_report = run_driver(dl_jobs, str(base / "driver_dl"), iso_env, python_args=("-S",), cwd=str(elsewhere))
+    try:
+        dl_report = run_driver(dl_jobs, str(base / "driver_dl"), iso_env, python_args=("-S",), cwd=str(elsewhere))
+    finally:
+        repo_report = finish_driver(repo_driver)
     return {"base": base, "dl": dl, "inputs": inputs, "repo": {r["bundle"]: r for r in repo_report},
             "downloaded": {r["bundle"]: r for r in dl_report}}
 

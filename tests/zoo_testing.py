@@ -53,3 +53,45 @@ def run_bundle(bundle: str, configs, overrides: dict, cmd=("run",), torchrun: in
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     p.output = p.stdout + p.stderr
     return p
+
+
+def split_manifest(manifest: str, parts: dict) -> dict:
+    """Write ``<name>.csv`` beside ``manifest`` holding consecutive rows: ``parts = {name: n_rows}``."""
+    import csv
+
+    folder = os.path.dirname(manifest)
+    rows = list(csv.DictReader(open(manifest)))
+    out, i = {}, 0
+    for name, n in parts.items():
+        path = os.path.join(folder, f"{name}.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows[i:i + n])
+        out[name], i = path, i + n
+    return out
+
+
+def train_until_checkpoint(bundle: str, overrides: dict, ckpt_dir: str, min_epoch: int = 2, timeout: int = 300):
+    """Start ``train.json`` in a subprocess and SIGKILL it once ``ckpt_dir`` holds a resumable
+    checkpoint of epoch >= ``min_epoch``; returns that checkpoint's path (None if none came in time)."""
+    import signal
+    import time
+
+    from common.handlers import latest_checkpoint
+
+    root = os.path.join(BUNDLES, bundle)
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json"),
+            *cli_overrides(dict({"bundle_root": root}, **overrides))]
+    proc = subprocess.Popen(args, cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            last = latest_checkpoint(ckpt_dir)
+            if last and "epoch=" in last and int(last.split("epoch=")[1].split(".")[0]) >= min_epoch:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return latest_checkpoint(ckpt_dir)

@@ -109,10 +109,8 @@ def choose_trainers(served: list[str], kinds: dict[str, str], available: list[st
 def parse_overrides(text: str | None, bundles: list[str]) -> dict[str, dict]:
     """``--conf train_overrides '<json>'``: config overrides for every train run, either for all bundles
     (``{"epoch_length": 50}``) or per bundle (``{"isl_nucleus_seg": {"batch_size": 4}}``), or both."""
-    if not text:
-        return {b: {} for b in bundles}
     try:
-        raw = json.loads(text)
+        raw = json.loads(text) if text else {}
     except json.JSONDecodeError as e:
         raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"--conf train_overrides: not JSON ({e})") from e
     if not isinstance(raw, dict):
@@ -123,7 +121,7 @@ def parse_overrides(text: str | None, bundles: list[str]) -> dict[str, dict]:
         per = raw.get(b, {})
         if not isinstance(per, dict):
             raise MONAILabelException(MONAILabelError.APP_INIT_ERROR, f"--conf train_overrides: '{b}' must map to an object")
-        out[b] = dict(TRAIN_DEFAULTS.get(b, {}), **common, **per)
+        out[b] = {**TRAIN_DEFAULTS.get(b, {}), **common, **per}
     return out
 
 

@@ -1,0 +1,301 @@
+"""Fast paths for training and inference: bf16 autocast on CPU, channels-last memory format,
+BatchNorm folding, ``torch.compile``, as MONAI inferers that a bundle config switches on.
+
+Every optimisation is off unless asked for, and each one is measured against the plain eager fp32
+path by ``scripts/benchmark.py`` (see ``docs/performance.md``):
+
+* ``bf16_cpu``: ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward pass on CPU
+  (AVX-512 BF16 / AMX CPUs); outputs are returned as float32, so losses and metrics stay fp32.
+  On CUDA, MONAI's own ``amp`` switch of the engines applies instead.
+* ``channels_last``: ``channels_last_3d`` (5D) / ``channels_last`` (4D) for inputs (and, with
+  :func:`set_memory_format`, the network's weights); oneDNN's convolutions prefer it.
+* ``fuse_bn``: inference only; each eval-mode BatchNorm that directly follows a convolution or a
+  transposed convolution is folded into it (:func:`fuse_conv_bn`, exact up to float rounding).
+* ``compile``: inference only; ``torch.compile`` (inductor, weights frozen as constants) of the
+  prepared copy. The first call compiles (tens of seconds on a laptop CPU); later calls with the
+  same window shape reuse it. Sliding-window batches are padded to one batch size, so the last,
+  smaller batch of a volume does not trigger a second compilation.
+
+The network given to an inferer is never modified: inference uses a prepared copy, cached
+until the network's weights change (optimizer step, checkpoint load).
+
+Typical use (what ``bundles/fnet_baseline/configs/inference.json`` does)::
+
+    inferer = FastSlidingWindowInferer(roi_size=(32, 64, 64), sw_batch_size=4, overlap=0.25,
+                                       mode="gaussian", bf16_cpu=True, channels_last=True, fuse_bn=True)
+    pred = inferer(image_bczyx, network)     # float32, same spatial size as the input
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = [
+    "memory_format_for",
+    "to_memory_format",
+    "set_memory_format",
+    "fuse_conv_bn",
+    "autocast_context",
+    "weights_version",
+    "FastPathNet",
+    "prepare_inference_network",
+    "FastSimpleInferer",
+    "FastSlidingWindowInferer",
+    "peak_rss_mib",
+]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def memory_format_for(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of a tensor with ``ndim`` dimensions (5: ``BCZYX``, 4: ``BCYX``);
+    ``torch.contiguous_format`` for any other rank."""
+    return {5: torch.channels_last_3d, 4: torch.channels_last}.get(int(ndim), torch.contiguous_format)
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """``x`` (``BCZYX`` or ``BCYX``) in channels-last layout (``channels_last=True``) or contiguous.
+    Values and shape are unchanged; only the strides differ."""
+    fmt = memory_format_for(x.ndim) if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt)
+
+
+def set_memory_format(module: nn.Module, channels_last: bool = True) -> nn.Module:
+    """Convert ``module``'s 4D/5D parameters and buffers (conv weights) to channels-last, in place
+    (``Parameter`` objects are kept, so an optimizer built on them stays valid). Returns ``module``.
+    ``channels_last=False`` leaves the module as it is (the config switch's off state)."""
+    if not channels_last:
+        return module
+    return module._apply(lambda t: t.contiguous(memory_format=memory_format_for(t.ndim)) if t.ndim in (4, 5) else t)
+
+
+def _foldable_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+
+
+def _first_norm_of_adn(m: nn.Module) -> nn.Module | None:
+    """MONAI's ``ADN`` block (``Convolution``'s ``adn`` child) with BatchNorm first ("NDA" order)."""
+    if type(m).__name__ == "ADN" and isinstance(m, nn.Sequential):
+        names = list(m._modules)
+        if names and names[0] == "N" and _foldable_bn(m.N):
+            return m.N
+    return None
+
+
+def fuse_conv_bn(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every eval-mode BatchNorm that directly follows a (transposed) convolution into it.
+
+    Patterns: consecutive children ``conv, bn`` of any ``nn.Sequential`` (F-net, the 3D U-Net with
+    ``norm="batch"``), and MONAI's ``Convolution`` block (``conv`` then an ``ADN`` whose first layer
+    is the norm, as in FlexibleUNet's decoder). The BatchNorm is replaced by ``nn.Identity``, so
+    the module tree, state-dict keys of the convolutions and TorchScript export keep working.
+    A BatchNorm after a ReLU (DenseNet's norm-relu-conv) cannot be folded and is kept.
+
+    ``torch.fx.experimental.optimization.fuse`` does the same for plain convolutions but skips
+    transposed ones and needs a traceable network, hence this walk over the module tree; the
+    arithmetic is PyTorch's ``fuse_conv_bn_eval``.
+
+    Args:
+        module: the network; it must be in eval mode (running statistics are used).
+        inplace: modify ``module`` itself; by default a deep copy is fused and returned.
+
+    Returns:
+        the fused network (same outputs up to float rounding, fewer layers).
+    """
+    if module.training:
+        raise ValueError("fuse_conv_bn needs a network in eval mode (call .eval() first): "
+                         "training-mode BatchNorm uses batch statistics and cannot be folded")
+    net = module if inplace else copy.deepcopy(module)
+    for parent in net.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for a, b in zip(names[:-1], names[1:]):
+            conv, nxt = parent._modules[a], parent._modules[b]
+            if not isinstance(conv, _CONVS + _CONV_TRANSPOSES):
+                continue
+            transpose = isinstance(conv, _CONV_TRANSPOSES)
+            if _foldable_bn(nxt) and nxt.num_features == conv.out_channels:
+                parent._modules[a] = fuse_conv_bn_eval(conv, nxt, transpose=transpose)
+                parent._modules[b] = nn.Identity()
+                continue
+            bn = _first_norm_of_adn(nxt)
+            if bn is not None and bn.num_features == conv.out_channels:
+                parent._modules[a] = fuse_conv_bn_eval(conv, bn, transpose=transpose)
+                nxt._modules["N"] = nn.Identity()
+    return net
+
+
+def autocast_context(device_type: str, enabled: bool, dtype: torch.dtype | None = None):
+    """``torch.autocast`` for ``device_type`` or a no-op context when not ``enabled``.
+
+    ``dtype`` defaults to bfloat16 on CPU; on CUDA to bfloat16 where the card supports it, else
+    float16 (float16 training additionally needs a gradient scaler: use MONAI's ``amp`` there)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if dtype is None:
+        dtype = torch.bfloat16
+        if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            dtype = torch.float16
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def weights_version(module: nn.Module) -> tuple:
+    """A key that changes whenever any parameter or buffer of ``module`` is replaced or modified
+    in place (optimizer step, ``load_state_dict``, ``.to()``): storage address and version counter."""
+    return tuple((t.data_ptr(), t._version) for t in list(module.parameters()) + list(module.buffers()))
+
+
+class FastPathNet(nn.Module):
+    """Run ``net`` with a memory format and autocast; return float32.
+
+    Input ``(B, C, *spatial)``; output ``net``'s output, cast to float32 and contiguous.
+
+    Args:
+        net: the network (already prepared: fused, converted, compiled).
+        channels_last: convert inputs to channels-last before the forward pass.
+        autocast: run the forward pass under :func:`autocast_context`.
+        autocast_dtype: autocast dtype (default: bfloat16, see :func:`autocast_context`).
+        fixed_batch: pad every batch with zeros to this size and crop the output back (a compiled
+            network then sees one input shape); ``None`` keeps batches as they come.
+    """
+
+    def __init__(self, net: Callable, channels_last: bool = False, autocast: bool = False,
+                 autocast_dtype: torch.dtype | None = None, fixed_batch: int | None = None):
+        super().__init__()
+        self.net = net
+        self.channels_last = bool(channels_last)
+        self.autocast = bool(autocast)
+        self.autocast_dtype = autocast_dtype
+        self.fixed_batch = fixed_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.fixed_batch is not None and n < self.fixed_batch:
+            x = torch.cat([x, x.new_zeros((self.fixed_batch - n, *x.shape[1:]))])
+        if self.channels_last:
+            x = to_memory_format(x, True)
+        with autocast_context(x.device.type, self.autocast, self.autocast_dtype):
+            y = self.net(x)
+        if isinstance(y, torch.Tensor):
+            y = y[:n] if y.shape[0] != n else y
+            y = y.float().contiguous()
+        return y
+
+
+def prepare_inference_network(network: nn.Module, fuse_bn: bool = True, channels_last: bool = False,
+                              bf16: bool = False, compile: bool = False, device_type: str = "cpu",
+                              fixed_batch: int | None = None) -> FastPathNet:
+    """An inference-ready copy of ``network`` (which is left untouched).
+
+    Steps: unwrap DDP, deep copy, ``eval()``, :func:`fuse_conv_bn` (``fuse_bn``),
+    :func:`set_memory_format` (``channels_last``), ``torch.compile`` with frozen weights
+    (``compile``), wrapped in :class:`FastPathNet` (autocast when ``bf16``; on CUDA this is AMP with
+    bfloat16 or float16).
+    """
+    base = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    net = copy.deepcopy(base).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if fuse_bn:
+        net = fuse_conv_bn(net, inplace=True)
+    set_memory_format(net, channels_last)
+    if compile:
+        net = torch.compile(net, dynamic=False, options={"freezing": True})
+    return FastPathNet(net, channels_last=channels_last, autocast=bf16, fixed_batch=fixed_batch if compile else None)
+
+
+class _FastPath:
+    """Shared switches of the fast inferers (see the module docstring)."""
+
+    def _init_fast(self, bf16_cpu: bool, channels_last: bool, fuse_bn: bool, compile: bool,
+                   bf16_cuda: bool = False) -> None:
+        self.bf16_cpu = bool(bf16_cpu)
+        self.bf16_cuda = bool(bf16_cuda)
+        self.channels_last = bool(channels_last)
+        self.fuse_bn = bool(fuse_bn)
+        self.compile = bool(compile)
+        self._cache: tuple | None = None  # (id(network), weights_version, device type, prepared)
+
+    def _autocast_on(self, device_type: str) -> bool:
+        return (self.bf16_cpu and device_type == "cpu") or (self.bf16_cuda and device_type == "cuda")
+
+    def fast_network(self, network: Callable, inputs: torch.Tensor, batch: int | None = None) -> Callable:
+        """The callable that runs ``network`` the fast way for ``inputs`` (``network`` itself when
+        every switch is off). Training-mode networks get autocast and memory format only."""
+        dev = inputs.device.type
+        autocast = self._autocast_on(dev)
+        if not isinstance(network, nn.Module) or not (autocast or self.channels_last or self.fuse_bn or self.compile):
+            return network
+        if network.training:
+            if not (autocast or self.channels_last):
+                return network
+            return FastPathNet(network, channels_last=self.channels_last, autocast=autocast)
+        key = (id(network), weights_version(network), dev, autocast)
+        if self._cache is not None and self._cache[:4] == key:
+            return self._cache[4]
+        prepared = prepare_inference_network(network, fuse_bn=self.fuse_bn, channels_last=self.channels_last,
+                                             bf16=autocast, compile=self.compile, device_type=dev, fixed_batch=batch)
+        self._cache = (*key, prepared)
+        return prepared
+
+
+class FastSimpleInferer(SimpleInferer, _FastPath):
+    """:class:`monai.inferers.SimpleInferer` with the fast-path switches (training and whole-image
+    inference). Input ``(B, C, *spatial)``; output float32 of the network's output shape.
+
+    Args:
+        bf16_cpu: bfloat16 autocast when the input is on CPU.
+        channels_last: channels-last inputs (convert the network itself with :func:`set_memory_format`).
+        fuse_bn: fold BatchNorm into convolutions (eval-mode networks only).
+        compile: ``torch.compile`` the prepared copy (eval-mode networks only).
+        bf16_cuda: autocast (AMP, bfloat16 or float16) when the input is on CUDA; for training on
+            GPUs prefer MONAI's ``amp`` switch of the trainer (it adds the gradient scaler).
+    """
+
+    def __init__(self, bf16_cpu: bool = False, channels_last: bool = False, fuse_bn: bool = False,
+                 compile: bool = False, bf16_cuda: bool = False) -> None:
+        SimpleInferer.__init__(self)
+        self._init_fast(bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        return SimpleInferer.__call__(self, inputs, self.fast_network(network, inputs, inputs.shape[0]), *args,
+                                      **kwargs)
+
+
+class FastSlidingWindowInferer(SlidingWindowInferer, _FastPath):
+    """:class:`monai.inferers.SlidingWindowInferer` with the fast-path switches; every other argument
+    is ``SlidingWindowInferer``'s. Input ``(B, C, *spatial)`` of any size; output float32
+    ``(B, C_out, *spatial)``.
+
+    Args:
+        bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda: see :class:`FastSimpleInferer`.
+        args, kwargs: ``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``, ... of
+            :class:`monai.inferers.SlidingWindowInferer`.
+    """
+
+    def __init__(self, *args: Any, bf16_cpu: bool = False, channels_last: bool = False, fuse_bn: bool = False,
+                 compile: bool = False, bf16_cuda: bool = False, **kwargs: Any) -> None:
+        SlidingWindowInferer.__init__(self, *args, **kwargs)
+        self._init_fast(bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        net = self.fast_network(network, inputs, int(self.sw_batch_size))
+        return SlidingWindowInferer.__call__(self, inputs, net, *args, **kwargs)
+
+
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident set size of this process (or of its waited-for children) in MiB."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0  # bytes on macOS, KiB on Linux

@@ -1,0 +1,884 @@
+"""Throughput, memory and scaling of the zoo's hot paths, each optimised path next to its reference.
+
+    python scripts/benchmark.py                         # the issue's sizes (profile "full")
+    python scripts/benchmark.py --profile small         # reduced sizes for a busy or small CPU
+    python scripts/benchmark.py --profile quick         # seconds; what the tests run
+    python scripts/benchmark.py --only fnet_train,fnet_infer --threads 2 --out bench.json
+    python scripts/benchmark.py quality                 # bf16 vs fp32: validation Pearson r after N steps
+
+The reference ("ref") is the network run the way pytorch_fnet runs it: eager PyTorch, float32,
+contiguous tensors, F-net sliding windows of 32x64x64 with 25 % overlap (pytorch_fnet predicts
+whole volumes at once, which does not fit in memory at 1x64x512x512: the "whole" rows of the
+scaling table show how that memory grows). The optimised path ("opt") is what the bundle's config
+switches turn on (``common.fastpath``): bf16 autocast on CPU (AMP on GPU), channels-last memory
+format, BatchNorm folded into convolutions, larger sliding windows with the same 16-voxel
+overlap, optionally ``torch.compile``.
+
+Method: every timed call is preceded by warm-up calls; reference and optimised runs are
+interleaved (A B A B ...) so that both see the same machine load; times are medians. Volume
+inference runs in a fresh child process per measurement, so that its peak RSS (``ru_maxrss``) is
+its own. In-process rows give the peak RSS sampled during that call. The load average is printed
+with the table: on a shared machine re-run it idle before quoting absolute numbers.
+
+Sections (``--only``): fnet_train, fnet_infer, scaling, densenet2d, unet3d, loader, ddp.
+Networks whose module does not exist yet are skipped with a printed reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, ROOT)
+
+import fire  # noqa: E402
+import numpy as np  # noqa: E402
+
+SECTIONS = ("fnet_train", "fnet_infer", "scaling", "densenet2d", "unet3d", "loader", "ddp")
+
+# ------------------------------------------------------------------------------------- profiles
+
+_FNET_SW_REF = {"roi": (32, 64, 64), "sw_batch": 4, "overlap": 0.25}  # the bundle's (and pytorch_fnet's) patch
+_FNET_SW_OPT = {"roi": (64, 128, 128), "sw_batch": 1, "overlap": 0.125}  # same 16-voxel overlap in Y/X
+
+PROFILES = {
+    # the issue's sizes: F-net as published, batch 4 and 24, 1x64x512x512, DenseNet-121 U-Net at 1024^2,
+    # the FUCCI 3D U-Net at 21x512x512
+    "full": {
+        "fnet": {"mult_chan": 32, "depth": 4},
+        "train_patch": (32, 64, 64), "train_batches": (4, 24), "train_repeats": {4: 3, 24: 2},
+        "sw_volume": (64, 512, 512), "sw_ref": _FNET_SW_REF, "sw_opt": _FNET_SW_OPT,
+        "scaling": ((64, 128, 128), (64, 256, 256), (64, 512, 512), (64, 1024, 1024)),
+        "whole_max_voxels": 64 * 256 * 256,
+        "densenet": {"kwargs": {}, "in_channels": 3, "image": (1024, 1024), "train_batch": 1, "repeats": 3},
+        "unet3d": {"kwargs": {"in_channels": 1, "out_channels": 3, "features": (64, 128, 256)},
+                   "volume": (21, 512, 512), "ref": {"roi": (24, 128, 128), "sw_batch": 4, "overlap": 0.25},
+                   "opt": {"roi": (24, 192, 192), "sw_batch": 1, "overlap": 0.125}},
+        "loader": {"n_volumes": 2, "shape": (64, 256, 256), "batch": 4, "n_batches": 25, "workers": (0, 2)},
+        "ddp": {"batch": 4, "steps": 3, "mult_chan": 16},
+        "compile_infer": True,
+    },
+    # the same code paths at about a quarter of the compute (F-net with 16 channels, smaller volumes)
+    "small": {
+        "fnet": {"mult_chan": 16, "depth": 4},
+        "train_patch": (32, 64, 64), "train_batches": (4,), "train_repeats": {4: 3},
+        "sw_volume": (64, 256, 256), "sw_ref": _FNET_SW_REF, "sw_opt": _FNET_SW_OPT,
+        "scaling": ((64, 128, 128), (64, 256, 256), (64, 384, 384), (64, 512, 512)),
+        "whole_max_voxels": 64 * 256 * 256,
+        "densenet": {"kwargs": {"init_features": 32, "growth_rate": 16, "decoder_channels": (128, 64, 32, 16, 8)},
+                     "in_channels": 3, "image": (512, 512), "train_batch": 1, "repeats": 3},
+        "unet3d": {"kwargs": {"in_channels": 1, "out_channels": 3, "features": (16, 32, 64)},
+                   "volume": (21, 256, 256), "ref": {"roi": (24, 128, 128), "sw_batch": 4, "overlap": 0.25},
+                   "opt": {"roi": (24, 192, 192), "sw_batch": 1, "overlap": 0.125}},
+        "loader": {"n_volumes": 2, "shape": (48, 160, 160), "batch": 4, "n_batches": 25, "workers": (0, 2)},
+        "ddp": {"batch": 4, "steps": 3, "mult_chan": 8},
+        "compile_infer": False,
+    },
+    # tiny networks and volumes: every code path in well under a minute (tests)
+    "quick": {
+        "fnet": {"mult_chan": 4, "depth": 2},
+        "train_patch": (16, 32, 32), "train_batches": (2,), "train_repeats": {2: 2},
+        "sw_volume": (16, 64, 64), "sw_ref": {"roi": (16, 32, 32), "sw_batch": 2, "overlap": 0.25},
+        "sw_opt": {"roi": (16, 64, 64), "sw_batch": 1, "overlap": 0.125},
+        "scaling": ((16, 32, 32), (16, 64, 64), (16, 64, 128), (16, 128, 128)),
+        "whole_max_voxels": 16 * 64 * 64,
+        "densenet": {"kwargs": {"init_features": 8, "growth_rate": 4, "block_config": (2, 2, 2, 2),
+                                "decoder_channels": (32, 16, 8, 8, 4)},
+                     "in_channels": 3, "image": (64, 64), "train_batch": 1, "repeats": 2},
+        "unet3d": {"kwargs": {"in_channels": 1, "out_channels": 3, "features": (4, 8, 16)},
+                   "volume": (12, 64, 64), "ref": {"roi": (12, 32, 32), "sw_batch": 2, "overlap": 0.25},
+                   "opt": {"roi": (12, 64, 64), "sw_batch": 1, "overlap": 0.125}},
+        "loader": {"n_volumes": 2, "shape": (16, 64, 64), "batch": 2, "n_batches": 8, "workers": (0,)},
+        "ddp": {"batch": 2, "steps": 2, "mult_chan": 4, "depth": 2, "patch": (16, 32, 32)},
+        "compile_infer": False,
+    },
+}
+
+# dense bf16/fp16 tensor peak (TFLOP/s) of common cards, to state GPU throughput as a fraction of peak
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+                   "V100": 125.0, "T4": 65.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def _rss_now_mib() -> float:
+    """Current resident set size in MiB (/proc on Linux; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        from common.fastpath import peak_rss_mib
+
+        return peak_rss_mib()
+
+
+class RssSampler:
+    """Peak RSS (MiB) of this process during a ``with`` block, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_now_mib())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = _rss_now_mib()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_now_mib())
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleave(fns: dict[str, Callable[[], None]], warmup: int, repeats: int, device="cpu") -> dict[str, dict]:
+    """Time each callable ``repeats`` times, in the order A B A B ..., after ``warmup`` calls each.
+
+    Returns ``{name: {"times": [...], "median": s, "rss": peak MiB during the timed calls}}``."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            _sync(device)
+    out = {k: {"times": [], "rss": 0.0} for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            with RssSampler() as s:
+                t = time.perf_counter()
+                fn()
+                _sync(device)
+                dt = time.perf_counter() - t
+            out[k]["times"].append(dt)
+            out[k]["rss"] = max(out[k]["rss"], s.peak)
+    for v in out.values():
+        v["median"] = statistics.median(v["times"])
+    return out
+
+
+def _loadavg() -> str:
+    try:
+        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return ""
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def _gpu_peak(name: str) -> float | None:
+    for key, val in GPU_PEAK_TFLOPS.items():
+        if key.lower() in name.lower():
+            return val
+    return None
+
+
+def _flops(fn: Callable[[], None]) -> float:
+    """Floating-point operations of one call (``torch.utils.flop_counter``: convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def _module_exists(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def _parse_list(value, cast=str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [cast(v) for v in value]
+    return [cast(v) for v in str(value).replace(" ", "").split(",") if v]
+
+
+def _row(section, path, size, time_s, voxels=None, ratio=None, rss=None, note="", **extra) -> dict:
+    r = {"section": section, "path": path, "size": size, "time_s": time_s,
+         "voxels_per_s": (voxels / time_s) if (voxels and time_s) else None,
+         "ratio_vs_ref": ratio, "peak_rss_mib": rss, "note": note}
+    r.update(extra)
+    return r
+
+
+def _fmt(v, spec):
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    return format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The Markdown table printed at the end (and written to ``docs/performance.md`` by hand)."""
+    cols = ["section", "path", "size", "time (s)", "Mvox/s", "x ref", "peak RSS (MiB)", "note"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
+    for r in rows:
+        vps = r.get("voxels_per_s")
+        cells = [r["section"], r["path"], r["size"], _fmt(r.get("time_s"), ".3f"),
+                 _fmt(vps / 1e6 if vps else None, ".3f"), _fmt(r.get("ratio_vs_ref"), ".2f"),
+                 _fmt(r.get("peak_rss_mib"), ".0f"), r.get("note", "")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _shape_str(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+# ------------------------------------------------------------------------------------- networks
+
+def build_network(kind: str, kwargs: dict, seed: int = 0):
+    """``fnet`` (common.networks.fnet.FNet), ``densenet`` (DenseNetUNet) or ``unet3d`` (UNet3D)."""
+    import torch
+
+    torch.manual_seed(seed)
+    if kind == "fnet":
+        from common.networks.fnet import FNet
+
+        net = FNet(spatial_dims=3, in_channels=1, out_channels=1, **kwargs)
+    elif kind == "densenet":
+        from common.networks.densenet_unet import DenseNetUNet
+
+        net = DenseNetUNet(spatial_dims=2, **kwargs)
+    elif kind == "unet3d":
+        from common.networks.unet3d import UNet3D
+
+        net = UNet3D(**kwargs)
+    else:
+        raise ValueError(f"unknown network kind {kind!r} (fnet, densenet, unet3d)")
+    # realistic BatchNorm statistics (as after training), so that eval mode and folding are exercised
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return net
+
+
+def train_step_fn(net, x, y, bf16: bool, channels_last: bool, device) -> Callable[[], None]:
+    """One training step (forward, MSE loss in fp32, backward, Adam) as train.json runs it."""
+    import torch
+
+    from common.fastpath import FastSimpleInferer, set_memory_format
+
+    set_memory_format(net, channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    inferer = FastSimpleInferer(bf16_cpu=bf16, bf16_cuda=bf16, channels_last=channels_last)
+    loss_fn = torch.nn.MSELoss()
+    net.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(inferer(x, net), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# ------------------------------------------------------------------------------------- sections
+
+def section_fnet_train(p: dict, device, rows: list, warmup: int, ablation: bool, compile_train: bool) -> None:
+    import torch
+
+    for b in p["train_batches"]:
+        x = torch.randn(b, 1, *p["train_patch"], device=device)
+        y = torch.randn(b, 1, *p["train_patch"], device=device)
+        variants = {"ref": (False, False), "opt": (True, True)}
+        if ablation:
+            variants.update({"bf16 only": (True, False), "channels_last only": (False, True)})
+        fns, nets = {}, {}
+        for name, (bf16, cl) in variants.items():
+            nets[name] = build_network("fnet", p["fnet"]).to(device)
+            fns[name] = train_step_fn(nets[name], x, y, bf16, cl, device)
+        compile_s = None
+        if compile_train:
+            net = build_network("fnet", p["fnet"]).to(device)
+            from common.fastpath import set_memory_format
+
+            set_memory_format(net, True)
+            cnet = torch.compile(net)
+            fns["opt + compile"] = train_step_fn(cnet, x, y, True, True, device)
+            t = time.perf_counter()
+            fns["opt + compile"]()
+            compile_s = time.perf_counter() - t
+        flops = _flops(fns["ref"])
+        reps = p["train_repeats"].get(b, 3)
+        _log(f"  fnet_train batch {b}: {len(fns)} variants x ({warmup} warm-up + {reps} timed), interleaved")
+        res = interleave(fns, warmup, reps, device)
+        vox = b * int(np.prod(p["train_patch"]))
+        ref_t = res["ref"]["median"]
+        for name, r in res.items():
+            note = f"{b / r['median']:.2f} patches/s; {flops / r['median'] / 1e9:.1f} GFLOP/s"
+            if name == "opt + compile" and compile_s is not None:
+                note += f"; compile + first step {compile_s:.0f} s"
+            rows.append(_row("fnet_train", name, f"b{b} x {_shape_str(p['train_patch'])}", r["median"], vox,
+                             ref_t / r["median"], r["rss"], note, batch=b, patches_per_s=b / r["median"],
+                             flops=flops, times=r["times"]))
+            _log("    " + format_table(rows[-1:]).splitlines()[-1])
+
+
+def _child(spec: dict, timeout: int = 3600) -> dict:
+    """Run one volume-inference measurement in a fresh process; returns its JSON result."""
+    cmd = [sys.executable, os.path.abspath(__file__), "child", "--spec", json.dumps(spec)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    for line in p.stdout.splitlines()[::-1]:
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    raise RuntimeError(f"benchmark child failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+
+
+def child(spec: str) -> None:
+    """(internal) One inference measurement: build, warm up, run once, report time and peak RSS."""
+    import torch
+
+    from common.fastpath import FastSlidingWindowInferer, peak_rss_mib
+
+    s = json.loads(spec) if isinstance(spec, str) else spec
+    _set_threads(s.get("threads"))
+    device = torch.device(s.get("device", "cpu"))
+    net = build_network(s["net"], s["net_kwargs"], seed=s.get("seed", 0)).to(device).eval()
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(1, s.get("in_channels", 1), *s["volume"], generator=g).to(device)
+    path = s["path"]
+    compile_s = None
+    if path == "whole":  # pytorch_fnet: the whole (padded) volume through the network at once, fp32
+        def run(v):
+            with torch.no_grad():
+                return net(v)
+
+        warm = x[(...,) + tuple(slice(0, min(16, n)) for n in x.shape[2:])]
+    else:
+        opt = path.startswith("opt")
+        inferer = FastSlidingWindowInferer(
+            roi_size=s["roi"], sw_batch_size=s["sw_batch"], overlap=s["overlap"], mode="gaussian",
+            bf16_cpu=opt, bf16_cuda=opt, channels_last=opt, fuse_bn=opt, compile=opt and s.get("compile", False))
+
+        def run(v):
+            with torch.no_grad():
+                return inferer(v, net)
+
+        warm = torch.randn(1, x.shape[1], *s["roi"], device=device)
+    t = time.perf_counter()
+    run(warm)  # warm-up (and compilation) on one window
+    _sync(device)
+    warm_s = time.perf_counter() - t
+    if s.get("compile") and path.startswith("opt"):
+        compile_s = warm_s
+    t = time.perf_counter()
+    out = run(x)
+    _sync(device)
+    dt = time.perf_counter() - t
+    if s.get("save"):
+        np.save(s["save"], out.float().cpu().numpy())
+    res = {"time_s": dt, "warmup_s": warm_s, "compile_s": compile_s, "peak_rss_mib": peak_rss_mib(),
+           "voxels": int(np.prod(s["volume"]))}
+    if device.type == "cuda":
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print("BENCH_RESULT " + json.dumps(res), flush=True)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel() - a.mean()
+    b = b.astype(np.float64).ravel() - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def _sw_note(sw: dict) -> str:
+    return f"roi {_shape_str(sw['roi'])}, sw_batch {sw['sw_batch']}, overlap {sw['overlap']}"
+
+
+def section_fnet_infer(p: dict, device, threads, rows: list, tmp: str, compile_infer: bool,
+                       repeats: int = 1) -> dict:
+    """Sliding-window F-net inference on ``sw_volume``: ref vs opt (and opt + compile), each in a child."""
+    base = {"net": "fnet", "net_kwargs": p["fnet"], "volume": list(p["sw_volume"]), "threads": threads,
+            "device": str(device)}
+    specs = {"ref": dict(base, path="ref", **p["sw_ref"]), "opt": dict(base, path="opt", **p["sw_opt"])}
+    if compile_infer:
+        specs["opt + compile"] = dict(base, path="opt", compile=True, **p["sw_opt"])
+    results = {k: [] for k in specs}
+    for r in range(repeats):
+        for k, spec in specs.items():
+            save = os.path.join(tmp, f"fnet_{k.replace(' ', '_').replace('+', '')}.npy") if r == 0 else None
+            _log(f"  fnet_infer {k} on 1x{_shape_str(p['sw_volume'])} (child process)")
+            try:
+                results[k].append(_child(dict(spec, save=save)))
+            except RuntimeError as e:
+                _log(f"    {k} failed: {str(e).splitlines()[0]}")
+                results[k].append({"error": str(e)})
+    ref_out = np.load(os.path.join(tmp, "fnet_ref.npy"))
+    ref_t = statistics.median(x["time_s"] for x in results["ref"])
+    out = {}
+    for k, res in results.items():
+        ok = [x for x in res if "error" not in x]
+        if not ok:
+            rows.append(_row("fnet_infer", k, "1x" + _shape_str(p["sw_volume"]), None,
+                             note="failed: " + res[0]["error"].splitlines()[0][:120]))
+            continue
+        t = statistics.median(x["time_s"] for x in ok)
+        note = _sw_note(specs[k])
+        if k != "ref":
+            pred = np.load(os.path.join(tmp, f"fnet_{k.replace(' ', '_').replace('+', '')}.npy"))
+            note += f"; Pearson r with ref output {_pearson(pred, ref_out):.5f}"
+        if ok[0].get("compile_s") is not None:
+            note += f"; compile {ok[0]['compile_s']:.0f} s (not in time)"
+        rows.append(_row("fnet_infer", k, "1x" + _shape_str(p["sw_volume"]), t, ok[0]["voxels"], ref_t / t,
+                         max(x["peak_rss_mib"] for x in ok), note))
+        out[k] = ok[0]
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+    return out
+
+
+def section_scaling(p: dict, device, threads, rows: list, reuse: dict | None) -> None:
+    """Time and peak RSS of the optimised sliding window at four volume sizes, and of the
+    whole-volume fp32 forward (pytorch_fnet's way) where it fits."""
+    base = {"net": "fnet", "net_kwargs": p["fnet"], "threads": threads, "device": str(device)}
+    whole_pts = []
+    for vol in p["scaling"]:
+        size = "1x" + _shape_str(vol)
+        nvox = int(np.prod(vol))
+        if nvox <= p["whole_max_voxels"]:
+            _log(f"  scaling whole-volume fp32 {size} (child process)")
+            r = _child(dict(base, path="whole", volume=list(vol)))
+            whole_pts.append((nvox, r["peak_rss_mib"]))
+            rows.append(_row("scaling", "whole volume fp32 (pytorch_fnet)", size, r["time_s"], nvox, None,
+                             r["peak_rss_mib"], ""))
+            _log("    " + format_table(rows[-1:]).splitlines()[-1])
+        elif len(whole_pts) >= 2:
+            (v0, m0), (v1, m1) = whole_pts[0], whole_pts[-1]
+            est = m1 + (m1 - m0) / (v1 - v0) * (nvox - v1)
+            rows.append(_row("scaling", "whole volume fp32 (pytorch_fnet)", size, None, note=(
+                f"not run: needs ~{est / 1024:.1f} GiB (linear in voxels from the sizes above)")))
+        if reuse is not None and list(vol) == list(p["sw_volume"]) and "opt" in reuse:
+            r = reuse["opt"]
+            note = _sw_note(p["sw_opt"]) + "; same run as fnet_infer opt"
+        else:
+            _log(f"  scaling opt sliding window {size} (child process)")
+            r = _child(dict(base, path="opt", volume=list(vol), **p["sw_opt"]))
+            note = _sw_note(p["sw_opt"])
+        rows.append(_row("scaling", "opt sliding window", size, r["time_s"], nvox, None, r["peak_rss_mib"], note))
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+
+
+def section_densenet2d(p: dict, device, rows: list, warmup: int) -> None:
+    import torch
+
+    from common.fastpath import FastSimpleInferer
+
+    d = p["densenet"]
+    kw = dict(d["kwargs"], in_channels=d["in_channels"], out_channels=1)
+    b = d["train_batch"]
+    x = torch.randn(b, d["in_channels"], *d["image"], device=device)
+    y = torch.randn(b, 1, *d["image"], device=device)
+    nets = {k: build_network("densenet", kw).to(device) for k in ("ref", "opt")}
+    fns = {"ref": train_step_fn(nets["ref"], x, y, False, False, device),
+           "opt": train_step_fn(nets["opt"], x, y, True, True, device)}
+    flops = _flops(fns["ref"])
+    _log(f"  densenet2d train step b{b} x {_shape_str(d['image'])}: ref vs opt, interleaved")
+    res = interleave(fns, warmup, d["repeats"], device)
+    npx = b * int(np.prod(d["image"]))
+    for k, r in res.items():
+        rows.append(_row("densenet2d train", k, f"b{b} x {d['in_channels']}x{_shape_str(d['image'])}", r["median"],
+                         npx, res["ref"]["median"] / r["median"], r["rss"],
+                         f"{flops / r['median'] / 1e9:.1f} GFLOP/s", flops=flops))
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+    # inference on one whole image (fits in memory in 2D), eval mode
+    xi = torch.randn(1, d["in_channels"], *d["image"], device=device)
+    net = build_network("densenet", kw).to(device).eval()
+    inferers = {"ref": FastSimpleInferer(), "opt": FastSimpleInferer(bf16_cpu=True, bf16_cuda=True,
+                                                                      channels_last=True, fuse_bn=True)}
+    outs = {}
+
+    def infer(k):
+        def f():
+            with torch.no_grad():
+                outs[k] = inferers[k](xi, net)
+        return f
+
+    fns = {k: infer(k) for k in inferers}
+    flops = _flops(fns["ref"])
+    _log(f"  densenet2d inference 1x{d['in_channels']}x{_shape_str(d['image'])}: ref vs opt, interleaved")
+    res = interleave(fns, warmup, d["repeats"], device)
+    r_out = _pearson(outs["opt"].cpu().numpy(), outs["ref"].cpu().numpy())
+    for k, r in res.items():
+        note = f"{flops / r['median'] / 1e9:.1f} GFLOP/s"
+        if k == "opt":
+            note += f"; Pearson r with ref output {r_out:.5f}"
+        rows.append(_row("densenet2d infer", k, f"1x{d['in_channels']}x{_shape_str(d['image'])}", r["median"],
+                         int(np.prod(d["image"])), res["ref"]["median"] / r["median"], r["rss"], note, flops=flops))
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+
+
+def section_unet3d(p: dict, device, threads, rows: list, tmp: str) -> None:
+    u = p["unet3d"]
+    base = {"net": "unet3d", "net_kwargs": u["kwargs"], "volume": list(u["volume"]), "threads": threads,
+            "device": str(device), "in_channels": u["kwargs"].get("in_channels", 1)}
+    size = f"1x{u['kwargs'].get('in_channels', 1)}x{_shape_str(u['volume'])}"
+    res = {}
+    for k in ("ref", "opt"):
+        _log(f"  unet3d {k} sliding window on {size} (child process)")
+        res[k] = _child(dict(base, path=k, save=os.path.join(tmp, f"unet3d_{k}.npy"), **u[k]))
+    r_out = _pearson(np.load(os.path.join(tmp, "unet3d_opt.npy")), np.load(os.path.join(tmp, "unet3d_ref.npy")))
+    for k, r in res.items():
+        note = _sw_note(u[k]) + (f"; Pearson r with ref output {r_out:.5f}" if k == "opt" else "")
+        rows.append(_row("unet3d_fucci infer", k, size, r["time_s"], r["voxels"], res["ref"]["time_s"] / r["time_s"],
+                         r["peak_rss_mib"], note))
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+
+
+def section_loader(p: dict, rows: list, tmp: str, model_patches_per_s: dict) -> None:
+    """Patches/s of fnet_baseline's own training loader (train.json's train#dataloader)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from common.synthetic import write_dataset_3d
+
+    L = p["loader"]
+    data_dir = os.path.join(tmp, "loader_data")
+    _log(f"  loader: writing {L['n_volumes']} synthetic volumes {_shape_str(L['shape'])}")
+    manifest = write_dataset_3d(data_dir, n_volumes=L["n_volumes"], shape=L["shape"], seed=0)
+    caches = {
+        "Dataset (no cache)": {"_target_": "Dataset", "data": "@train#datalist", "transform": "@preprocessing"},
+        "CacheDataset": None,  # train.json's own
+        "PersistentDataset": {"_target_": "PersistentDataset", "data": "@train#datalist",
+                              "transform": "@preprocessing", "cache_dir": os.path.join(tmp, "persistent")},
+    }
+    model_ref = max(model_patches_per_s.values()) if model_patches_per_s else None
+    for cache_name, cache_cfg in caches.items():
+        for workers in L["workers"]:
+            parser = ConfigParser()
+            parser.read_config(os.path.join(ROOT, "bundles", "fnet_baseline", "configs", "train.json"))
+            parser.update({"bundle_root": os.path.join(ROOT, "bundles", "fnet_baseline"), "train_manifest": manifest,
+                           "patch_size": list(p["train_patch"]), "batch_size": L["batch"],
+                           "epoch_length": L["n_batches"] + 1, "num_workers": workers})
+            if cache_cfg is not None:
+                parser["train#cache"] = cache_cfg
+            t = time.perf_counter()
+            loader = parser.get_parsed_content("train#dataloader")
+            it = iter(loader)
+            next(it)  # first batch: worker start-up, first reads
+            setup = time.perf_counter() - t
+            t = time.perf_counter()
+            n = 0
+            for batch in it:
+                n += batch["image"].shape[0]
+            dt = time.perf_counter() - t
+            pps = n / dt
+            note = f"{pps:.1f} patches/s; setup + first batch {setup:.2f} s"
+            if model_ref:
+                note += f"; {pps / model_ref:.1f}x the fastest training step"
+            rows.append(_row("loader", f"{cache_name}, {workers} workers", f"b{L['batch']} x {_shape_str(p['train_patch'])}",
+                             dt / max(1, n // L["batch"]), n * int(np.prod(p["train_patch"])) / L["batch"] if n else None,
+                             None, None, note, patches_per_s=pps))
+            rows[-1]["voxels_per_s"] = n * int(np.prod(p["train_patch"])) / dt
+            _log("    " + format_table(rows[-1:]).splitlines()[-1])
+            del loader, it
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, spec: str) -> None:
+    """(internal) One DDP training process (gloo): warm-up then timed steps; rank 0 prints the result."""
+    import torch
+    import torch.distributed as dist
+
+    s = json.loads(spec) if isinstance(spec, str) else spec
+    _set_threads(s.get("threads"))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=int(rank), world_size=int(world))
+    net = torch.nn.parallel.DistributedDataParallel(build_network("fnet", s["fnet"]))
+    g = torch.Generator().manual_seed(int(rank))
+    x = torch.randn(s["batch"], 1, *s["patch"], generator=g)
+    y = torch.randn(s["batch"], 1, *s["patch"], generator=g)
+    step = train_step_fn(net, x, y, False, False, "cpu")
+    step()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(s["steps"]):
+        step()
+    dist.barrier()
+    dt = time.perf_counter() - t
+    if int(rank) == 0:
+        from common.fastpath import peak_rss_mib
+
+        print("BENCH_RESULT " + json.dumps({"time_s": dt / s["steps"], "peak_rss_mib": peak_rss_mib()}), flush=True)
+    dist.destroy_process_group()
+
+
+def section_ddp(p: dict, threads, rows: list) -> None:
+    """Samples/s of fp32 F-net training with 1 process and with 2 DDP processes (gloo, CPU)."""
+    d = p["ddp"]
+    fnet = {"mult_chan": d["mult_chan"], "depth": d.get("depth", 4)}
+    patch = list(d.get("patch", p["train_patch"]))
+    total = int(threads or os.cpu_count() or 1)
+    res = {}
+    for world in (1, 2):
+        per = max(1, total // world)
+        spec = {"fnet": fnet, "patch": patch, "batch": d["batch"], "steps": d["steps"], "threads": per}
+        port = _free_port()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        _log(f"  ddp: {world} process(es) x {per} thread(s), batch {d['batch']} per process")
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "ddp_worker", "--rank", str(r),
+                                   "--world", str(world), "--port", str(port), "--spec", json.dumps(spec)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for r in range(world)]
+        outs = [pr.communicate(timeout=3600) for pr in procs]
+        line = next((ln for ln in outs[0][0].splitlines() if ln.startswith("BENCH_RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"DDP benchmark with {world} processes failed:\n{outs[0][1][-3000:]}")
+        r = json.loads(line[len("BENCH_RESULT "):])
+        sps = world * d["batch"] / r["time_s"]
+        res[world] = sps
+        note = f"{sps:.2f} samples/s, {per} thread(s) per process"
+        if world == 2:
+            note += f"; scaling efficiency {sps / (2 * res[1]):.0%} of 2x"
+        rows.append(_row("ddp (fp32, gloo)", f"{world} process{'es' if world > 1 else ''}",
+                         f"b{d['batch']}/process x {_shape_str(patch)}, mult_chan {d['mult_chan']}", r["time_s"],
+                         world * d["batch"] * int(np.prod(patch)), sps / res[1], r["peak_rss_mib"], note))
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------- commands
+
+def run(profile: str = "full", only: str | None = None, skip: str | None = None, threads: int | None = None,
+        warmup: int = 1, device: str = "auto", out: str | None = None, compile_infer: bool | None = None,
+        compile_train: bool = False, ablation: bool = False, sw_repeats: int = 1) -> list[dict]:
+    """Run the benchmark and print the table.
+
+    Args:
+        profile: ``full`` (the issue's sizes), ``small`` (about a quarter of the compute) or ``quick`` (tests).
+        only: comma-separated sections to run (default all): fnet_train, fnet_infer, scaling, densenet2d,
+            unet3d, loader, ddp.
+        skip: comma-separated sections to leave out.
+        threads: ``torch.set_num_threads`` in this process and every child (default: PyTorch's default).
+        warmup: warm-up calls before the timed in-process calls.
+        device: ``auto`` (CUDA if available), ``cpu`` or ``cuda``; on CUDA "opt" means AMP + channels-last.
+        out: write the rows and the environment as JSON here (atomically).
+        compile_infer: add an ``opt + compile`` F-net inference row (default: the profile's choice).
+        compile_train: add an ``opt + compile`` training row (its compile time is reported).
+        ablation: add bf16-only and channels-last-only training rows.
+        sw_repeats: repetitions of each F-net sliding-window inference (children, interleaved).
+    """
+    import torch
+
+    from common.report import write_json
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    p = PROFILES[profile]
+    sections = _parse_list(only) or list(SECTIONS)
+    bad = [s for s in sections + _parse_list(skip) if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {bad}; sections are {', '.join(SECTIONS)}")
+    sections = [s for s in sections if s not in _parse_list(skip)]
+    _set_threads(threads)
+    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
+                       ("cpu" if device == "auto" else device))
+    compile_infer = p["compile_infer"] if compile_infer is None else bool(compile_infer)
+    env = {"profile": profile, "device": str(dev), "cpu": _cpu_name(), "cpu_flags": _cpu_flags(),
+           "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "loadavg_start": _loadavg(), "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:])}
+    if dev.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(dev)
+        env["gpu_peak_tflops"] = _gpu_peak(env["gpu"])
+    _log(f"benchmark profile={profile} sections={','.join(sections)} device={dev} threads={env['torch_threads']} "
+         f"cpu='{env['cpu']}' ({env['cpu_flags']}) load average {env['loadavg_start']}")
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    reuse = None
+    with tempfile.TemporaryDirectory(prefix="zoo_bench_") as tmp:
+        for sec in sections:
+            ts = time.perf_counter()
+            _log(f"[{sec}] (elapsed {ts - t0:.0f} s, load average {_loadavg()})")
+            if sec == "fnet_train":
+                section_fnet_train(p, dev, rows, warmup, ablation, compile_train)
+            elif sec == "fnet_infer":
+                reuse = section_fnet_infer(p, dev, threads, rows, tmp, compile_infer, sw_repeats)
+            elif sec == "scaling":
+                section_scaling(p, dev, threads, rows, reuse)
+            elif sec == "densenet2d":
+                if not _module_exists("common.networks.densenet_unet"):
+                    _log("  skipped: common/networks/densenet_unet.py does not exist yet")
+                    continue
+                section_densenet2d(p, dev, rows, warmup)
+            elif sec == "unet3d":
+                if not _module_exists("common.networks.unet3d"):
+                    _log("  skipped: common/networks/unet3d.py does not exist yet")
+                    continue
+                section_unet3d(p, dev, threads, rows, tmp)
+            elif sec == "loader":
+                model = {r["path"]: r["patches_per_s"] for r in rows if r["section"] == "fnet_train"}
+                section_loader(p, rows, tmp, model)
+            elif sec == "ddp":
+                section_ddp(p, threads, rows)
+            _log(f"  [{sec}] took {time.perf_counter() - ts:.0f} s")
+    env["loadavg_end"] = _loadavg()
+    env["total_s"] = time.perf_counter() - t0
+    if dev.type == "cuda" and env.get("gpu_peak_tflops"):
+        for r in rows:
+            if r.get("flops") and r.get("time_s"):
+                r["note"] += f"; {r['flops'] / r['time_s'] / 1e12 / env['gpu_peak_tflops']:.1%} of the card's peak"
+    _log("")
+    _log(f"## Benchmark ({profile}): {env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads, "
+         f"device {dev}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, torch {env['torch']}")
+    _log(f"load average at start {env['loadavg_start']}, at end {env['loadavg_end']}; total {env['total_s']:.0f} s")
+    _log("")
+    _log(format_table(rows))
+    if out:
+        write_json(out, {"environment": env, "rows": rows})
+        _log(f"written {out}")
+    return rows
+
+
+def _make_volume(shape, seed):
+    from common.synthetic import make_cell_field_3d
+
+    d = make_cell_field_3d(shape=shape, seed=seed)
+    z = lambda a: ((a - a.mean()) / (a.std() + 1e-8)).astype(np.float32)  # noqa: E731
+    return z(d["signal"]), z(d["target"])
+
+
+def quality(steps: int = 60, mult_chan: int = 8, depth: int = 3, patch=(16, 64, 64), batch: int = 4,
+            n_train: int = 3, shape=(32, 96, 96), lr: float = 1e-3, seed: int = 0, threads: int | None = None,
+            out: str | None = None) -> dict:
+    """Does bf16 cost quality? Train F-net twice from the same initial weights on the same random
+    patches of synthetic phantoms, in fp32 (reference) and with the fast path (bf16 autocast +
+    channels-last, exactly what train.json's switches do), then predict a held-out phantom with each
+    network's own inference path and compare validation Pearson r with the DNA target.
+
+    Passes when the bf16 run's r is within 1 % (relative) of the fp32 run's.
+    """
+    import torch
+
+    from common.fastpath import FastSimpleInferer, FastSlidingWindowInferer, set_memory_format
+    from common.report import write_json
+
+    _set_threads(threads)
+    patch = tuple(int(v) for v in patch)
+    vols = [_make_volume(shape, seed + i) for i in range(n_train + 1)]
+    train, (val_x, val_y) = vols[:n_train], vols[n_train]
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(steps):  # the same patch sequence for both runs
+        xs, ys = [], []
+        for _ in range(batch):
+            sx, sy = train[rng.integers(len(train))]
+            o = [rng.integers(0, s - p + 1) for s, p in zip(sx.shape, patch)]
+            sl = tuple(slice(a, a + p) for a, p in zip(o, patch))
+            xs.append(sx[sl][None])
+            ys.append(sy[sl][None])
+        batches.append((torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))))
+    results = {}
+    for name, fast in (("fp32", False), ("bf16", True)):
+        net = build_network("fnet", {"mult_chan": mult_chan, "depth": depth}, seed=seed)
+        for m in net.modules():  # fresh BatchNorm statistics, as an untrained network has
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+        set_memory_format(net, fast)
+        state = {"opt": torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999)),
+                 "inferer": FastSimpleInferer(bf16_cpu=fast, channels_last=fast)}
+        t = time.perf_counter()
+        losses = [_train_on(net, state, x, y) for x, y in batches]
+        train_s = time.perf_counter() - t
+        net.eval()
+        inferer = FastSlidingWindowInferer(roi_size=patch, sw_batch_size=4, overlap=0.25, mode="gaussian",
+                                           bf16_cpu=fast, channels_last=fast, fuse_bn=fast)
+        with torch.no_grad():
+            pred = inferer(torch.from_numpy(val_x)[None, None], net)[0, 0].numpy()
+        results[name] = {"val_pearson": _pearson(pred, val_y), "final_loss": float(np.mean(losses[-5:])),
+                         "train_s": train_s}
+        _log(f"  {name}: validation Pearson r {results[name]['val_pearson']:.4f}, "
+             f"mean loss of the last 5 steps {results[name]['final_loss']:.4f}, {train_s:.1f} s")
+    r32, r16 = results["fp32"]["val_pearson"], results["bf16"]["val_pearson"]
+    rel = abs(r16 - r32) / abs(r32)
+    summary = {"steps": steps, "mult_chan": mult_chan, "depth": depth, "patch": list(patch), "batch": batch,
+               "fp32": results["fp32"], "bf16": results["bf16"], "relative_difference": rel,
+               "within_1_percent": bool(rel <= 0.01)}
+    _log("")
+    _log("| precision | steps | validation Pearson r | mean loss (last 5 steps) | train time (s) |")
+    _log("|---|---|---|---|---|")
+    for k in ("fp32", "bf16"):
+        _log(f"| {k} | {steps} | {results[k]['val_pearson']:.4f} | {results[k]['final_loss']:.4f} | "
+             f"{results[k]['train_s']:.1f} |")
+    _log(f"\nrelative difference {rel:.2%} ({'within' if rel <= 0.01 else 'NOT within'} 1 %)")
+    if out:
+        write_json(out, summary)
+    return summary
+
+
+def _train_on(net, state: dict, x, y) -> float:
+    """One training step of :func:`quality`: forward through the (fast) inferer, fp32 MSE, Adam."""
+    import torch
+
+    net.train()
+    state["opt"].zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(state["inferer"](x, net), y)
+    loss.backward()
+    state["opt"].step()
+    return float(loss)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 1 or sys.argv[1].startswith("-"):
+        sys.argv.insert(1, "run")
+    fire.Fire({"run": run, "quality": quality, "child": child, "ddp_worker": ddp_worker})

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Cell-cycle phase of every nucleus in FUCCI spheroids, and the phase distribution per spheroid.
+
+    # after `monai.bundle run --config_file bundles/unet3d_fucci/configs/inference.json ...`
+    python scripts/fucci_phase_analysis.py --images stacks/ --instances predictions/ --out_dir phases/
+
+    # user thresholds (reporter levels, see nuclei.csv) instead of Otsu; per-spheroid Otsu
+    python scripts/fucci_phase_analysis.py --images stacks/ --instances predictions/ --out_dir phases/ \\
+        --threshold_red 40 --threshold_green 55
+    python scripts/fucci_phase_analysis.py ... --pool_thresholds False
+
+Inputs: ``images`` = a ``CZYX`` stack, a folder of them or a CSV manifest (column ``path_image``),
+channels named by ``channel_names`` (default ``Cy3,GFP,Hoechst``); ``instances`` = the matching
+instance labels: a file, or a folder holding ``<stem>_instances.ome.tif`` (the bundle's inference
+output) or ``<stem>.ome.tif`` for every image ``<stem>``.
+
+Rules (:func:`common.fucci.phase_from_reporters`): Cy3 (mKO2-hCdt1) only = G1, GFP (mAG-hGeminin)
+only = S/G2/M, both = G1/S transition, neither = early G1 / M exit. A reporter is on when its
+per-nucleus mean (minus the background, optionally divided by the DNA channel) exceeds a
+threshold: Otsu of the log levels over the nuclei of *all* spheroids (``--pool_thresholds``,
+default, so that a treatment that shifts every cell to one phase is not split in two) or of each
+spheroid, or your value.
+
+Outputs in ``out_dir``: ``nuclei.csv`` (spheroid, id, centroid in um, volume in um^3, mean intensity
+per channel, reporter levels, on/off, phase), ``phase_distribution.csv`` and ``.md`` (percent of
+nuclei per phase, per spheroid), ``phase_distribution.png`` (stacked bars) and ``thresholds.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+try:
+    import common.fucci  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # running from a checkout that is not installed: use the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fire
+import numpy as np
+
+
+def _names(value) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _find_instances(instances: str, stem: str) -> str:
+    if os.path.isfile(instances):
+        return instances
+    for name in (f"{stem}_instances.ome.tif", f"{stem}_instances.tif", f"{stem}.ome.tif", f"{stem}.tif"):
+        path = os.path.join(instances, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no instance labels for '{stem}' in {instances} (expected {stem}_instances.ome.tif)")
+
+
+def _atomic_csv(df, path: str) -> str:
+    tmp = path + ".tmp"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def analyse(images: str, instances: str, out_dir: str = "fucci_phases", channel_names="Cy3,GFP,Hoechst",
+            red: str = "Cy3", green: str = "GFP", normalise_by: str | None = None, threshold_red="otsu",
+            threshold_green="otsu", pool_thresholds: bool = True, background="auto", min_volume_um3: float = 0.0):
+    """Per-nucleus table, per-spheroid phase distribution and plot (see the module docstring).
+
+    Args:
+        images: ``CZYX`` stack, folder or CSV manifest (``path_image``).
+        instances: instance-label file or folder (``<stem>_instances.ome.tif``).
+        out_dir: output folder.
+        channel_names: names of the image channels, in order.
+        red, green: the G1 (Cy3) and S/G2/M (GFP) reporter channels.
+        normalise_by: DNA channel to divide reporter levels by (e.g. ``Hoechst``), or None.
+        threshold_red, threshold_green: ``otsu`` or a number (reporter level units).
+        pool_thresholds: one Otsu threshold over all spheroids (default) or one per spheroid.
+        background: ``auto`` (median away from nuclei), ``None`` or one value per channel.
+        min_volume_um3: ignore instances smaller than this (fragments).
+
+    Returns:
+        ``out_dir``.
+    """
+    import pandas as pd
+
+    from common.data import list_images
+    from common.fucci import PHASE_NAMES, assign_phases, nucleus_table, phase_distribution, save_phase_plot
+    from common.io import SaveOmeTiff, read_image
+    from common.report import markdown_table, write_json
+
+    names = _names(channel_names)
+    records = list_images(images, key="image", column="path_image", spatial_dims=3)
+    pairs = []
+    for rec in records:  # every file checked before any measurement
+        stem = SaveOmeTiff.stem(rec["image"])
+        lab_path = _find_instances(instances, stem)
+        img, spacing, _ = read_image(rec["image"], spatial_dims=3)
+        lab, _, _ = read_image(lab_path, spatial_dims=3)
+        if img.shape[0] != len(names):
+            raise ValueError(f"{rec['image']}: {img.shape[0]} channel(s) but channel_names {names}")
+        if lab.shape[1:] != img.shape[1:]:
+            raise ValueError(f"shape mismatch: {rec['image']} {img.shape[1:]} vs {lab_path} {lab.shape[1:]}")
+        pairs.append((stem, img, lab[0].astype(np.int64), spacing))
+    os.makedirs(out_dir, exist_ok=True)
+    thresholds = {red: threshold_red, green: threshold_green}
+    tables = []
+    for i, (stem, img, lab, spacing) in enumerate(pairs):
+        print(f"[{i + 1}/{len(pairs)}] {stem}: measuring {len(np.unique(lab)) - 1} nuclei", flush=True)
+        t, _ = nucleus_table(lab, img, names, spacing, red=red, green=green, normalise_by=normalise_by,
+                             thresholds=None, background=background, spheroid=stem)
+        tables.append(t[t["volume_um3"] >= min_volume_um3])
+    used = {}
+    if pool_thresholds:
+        pooled, used["all"] = assign_phases(pd.concat(tables, ignore_index=True), red, green, thresholds)
+    else:
+        parts = []
+        for t in tables:
+            t2, used[str(t["spheroid"].iloc[0]) if len(t) else "empty"] = assign_phases(t, red, green, thresholds)
+            parts.append(t2)
+        pooled = pd.concat(parts, ignore_index=True)
+    _atomic_csv(pooled, os.path.join(out_dir, "nuclei.csv"))
+    dist, rows = {}, []
+    for stem, _, _, _ in pairs:
+        ph = pooled.loc[pooled["spheroid"] == stem, "phase"]
+        dist[stem] = phase_distribution(ph)
+        rows.append({"spheroid": stem, "nuclei": int(len(ph)), **{f"% {p}": 100 * dist[stem][p] for p in PHASE_NAMES}})
+    _atomic_csv(pd.DataFrame(rows), os.path.join(out_dir, "phase_distribution.csv"))
+    with open(os.path.join(out_dir, "phase_distribution.md"), "w") as f:
+        f.write(markdown_table(rows, floatfmt=".1f"))
+    save_phase_plot(dist, os.path.join(out_dir, "phase_distribution.png"))
+    write_json(os.path.join(out_dir, "thresholds.json"), {"normalise_by": normalise_by, "thresholds": used})
+    print(markdown_table(rows, floatfmt=".1f"))
+    print(f"wrote {out_dir}/nuclei.csv, phase_distribution.csv/.md/.png, thresholds.json")
+    return out_dir
+
+
+if __name__ == "__main__":
+    fire.Fire(analyse)

@@ -1,0 +1,169 @@
+"""The Spotlight evaluation protocol (common.evaluation, scripts/evaluate.py) on tiny synthetic data."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from skimage.filters import threshold_otsu
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from common.evaluation import (
+    foreground_of,
+    pixel_metrics,
+    remove_border_objects,
+    threshold_sweep,
+    tune_watershed,
+)
+from common.io import write_ome_tiff
+from common.metrics import background_variability
+from common.synthetic import make_cell_field_3d, write_dataset_3d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def field():
+    return make_cell_field_3d((16, 64, 64), n_cells=5, seed=7)
+
+
+def test_pixel_metrics_perfect_affine_prediction(field):
+    t = field["target"]
+    rng = (float(t.min()), float(t.max()))
+    m = pixel_metrics(3.0 * t - 40.0, t, rng, field["spacing_um"], microssim=False)
+    # min-max rescaling onto the target's own range undoes any increasing affine map
+    assert m["psnr"] > 100 and m["psnr_fg"] > 100  # exact up to float rounding
+    assert m["ssim"] == pytest.approx(1.0) and m["pearson"] == pytest.approx(1.0)
+    assert m["bg_std"] == pytest.approx(background_variability(t, foreground_of(t)), rel=1e-6)
+
+
+def test_pixel_metrics_equal_scikit_image_on_the_rescaled_prediction(field):
+    t = field["target"].astype(np.float64)
+    pred = t + np.random.default_rng(0).normal(0, 30, t.shape)
+    lo, hi = 50.0, float(t.max()) + 100  # a training-set range wider than this target's
+    m = pixel_metrics(pred, t, (lo, hi), field["spacing_um"], microssim=True)
+    p = lo + (pred - pred.min()) * (hi - lo) / (pred.max() - pred.min())
+    fg = t >= threshold_otsu(t)
+    assert m["psnr"] == pytest.approx(peak_signal_noise_ratio(t, p, data_range=hi - lo))
+    assert m["psnr_fg"] == pytest.approx(peak_signal_noise_ratio(t[fg], p[fg], data_range=hi - lo))
+    assert m["ssim"] == pytest.approx(structural_similarity(t, p, data_range=hi - lo, win_size=7))
+    assert m["pearson_fg"] == pytest.approx(np.corrcoef(p[fg], t[fg])[0, 1])
+    assert m["bg_std"] == pytest.approx(p[~fg].std())
+    assert 0 < m["ms3im"] <= 1 and m["fsc_res_um"] > 0
+
+
+def test_remove_border_objects_by_hand():
+    lab = np.zeros((3, 6, 6), int)
+    lab[1, 0, 2] = 1  # touches y = 0
+    lab[1, 2:4, 2:4] = 2  # inside
+    lab[0, 2, 2] = 3  # touches z = 0 only
+    lab[1, 3, 5] = 4  # touches x = end
+    assert set(np.unique(remove_border_objects(lab))) == {0, 2, 3}
+    assert set(np.unique(remove_border_objects(lab, border_z=True))) == {0, 2}
+
+
+def test_tune_watershed_returns_the_best_grid_point(field):
+    grid = {"sigma": (1.0, 2.0)}
+    best, rows = tune_watershed([field["target"]], [field["labels"]], field["spacing_um"], grid=grid, verbose=False)
+    assert len(rows) == 2
+    top = max(rows, key=lambda r: (r["mAP"], r["ap50"]))
+    assert best["sigma"] == top["sigma"] and "min_distance_um" in best
+    assert top["ap50"] > 0.5  # the phantoms are segmentable
+
+
+def test_threshold_sweep_level_zero_is_the_prediction_and_background_drops(field):
+    t = field["target"]
+    rng = np.random.default_rng(1)
+    pred = t + rng.normal(0, 20, t.shape)  # noisy background
+    r = (float(t.min()), float(t.max()))
+    rows = threshold_sweep([pred], [t], r, field["spacing_um"], levels=(0.0, 0.1, 0.3))
+    m = pixel_metrics(pred, t, r, field["spacing_um"], microssim=False)
+    for k in ("psnr", "psnr_fg", "ssim", "pearson", "bg_std"):
+        assert rows[0][k] == pytest.approx(m[k])
+    assert rows[0]["bg_std"] > rows[1]["bg_std"] > rows[2]["bg_std"]  # thresholding flattens the background
+
+
+def _tiny_dataset(tmp_path):
+    manifest = write_dataset_3d(str(tmp_path / "data"), n_volumes=3, shape=(16, 64, 64), seed=11, n_cells=5)
+    rows = list(csv.DictReader(open(manifest)))
+    for name, part in (("train", rows[:1]), ("test", rows[1:])):
+        with open(tmp_path / "data" / f"{name}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(part)
+    return tmp_path / "data", rows
+
+
+def test_evaluate_script_end_to_end(tmp_path):
+    """Target copies as a 'perfect' model and noisy copies as a worse one, through the real CLI."""
+    data, rows = _tiny_dataset(tmp_path)
+    from common.io import read_image
+
+    rng = np.random.default_rng(0)
+    for r in rows[1:]:
+        tgt, sp, _ = read_image(data / r["path_target"])
+        stem = r["path_signal"].replace(".ome.tif", "")
+        write_ome_tiff(tmp_path / "perfect" / f"{stem}_pred.ome.tif", 0.5 * tgt[0] + 3, spacing_um=sp)
+        noisy = tgt[0] + rng.normal(0, 3 * tgt[0].std(), tgt[0].shape)
+        write_ome_tiff(tmp_path / "noisy" / f"{stem}_pred.ome.tif", noisy.astype(np.float32), spacing_um=sp)
+    out = tmp_path / "report"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--manifest", str(data / "test.csv"),
+           "--predictions", f"perfect={tmp_path / 'perfect'},noisy={tmp_path / 'noisy'}", "--out_dir", str(out),
+           "--target_range", "0,1000", "--tune", "False", "--microssim", "False", "--sweep_levels", "[0.0,0.2]"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(out / "metrics.json"))
+    # an increasing affine map of the target is rescaled back onto the target range: the same segmentation
+    seg_t, seg_p = res["segmentation"]["target"], res["segmentation"]["perfect"]
+    assert seg_p["ap"] == seg_t["ap"] and seg_p["tp"] == seg_t["tp"]
+    assert res["segmentation_vs_target"]["perfect"]["ap"] == [1.0] * 10
+    f = res["features"]["perfect"]
+    assert f["n_matched"] == f["n_target"] == f["n_pred"] > 0
+    # same objects; intensities an increasing affine map of the target's: every feature correlates perfectly
+    for name, r in f["correlation"].items():
+        assert r == pytest.approx(1.0, abs=1e-6), name
+    assert res["pixel"]["perfect"]["pearson"] > 0.999 > res["pixel"]["noisy"]["pearson"]
+    assert res["segmentation"]["noisy"]["ap"][0] < seg_t["ap"][0]
+    assert [r["level"] for r in res["sweep"]["noisy"]] == [0.0, 0.2]
+    assert res["sweep"]["perfect"][0]["psnr"] == pytest.approx(res["pixel"]["perfect"]["psnr"])
+    for name in ("report.md", "mips_0.png", "mips_1.png", "histograms.png", "metrics.png", "ap_iou.png", "sweep.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "| perfect |" in md and "## Threshold sweep" in md
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]  # atomic writes left nothing behind
+
+
+def test_evaluate_names_a_missing_prediction(tmp_path):
+    data, rows = _tiny_dataset(tmp_path)
+    (tmp_path / "empty").mkdir()
+    from common.evaluation import evaluate_dataset
+
+    with pytest.raises(FileNotFoundError, match="signal_01_pred.ome.tif"):
+        evaluate_dataset(str(data / "test.csv"), {"m": str(tmp_path / "empty")}, str(tmp_path / "r"), tune=False,
+                         microssim=False, sweep_levels=())
+
+
+def test_segment_cellpose_backend_wiring(monkeypatch):
+    """The Cellpose backend gets the user's weights, runs in 3D with the voxel anisotropy, and its
+    objects touching the lateral border are removed like the watershed's (cellpose itself is
+    exercised in tests/test_segmentation.py)."""
+    import common.evaluation as E
+
+    seen = {}
+
+    def fake(image, pretrained_model, **kw):
+        seen.update(kw, model=pretrained_model, dtype=image.dtype)
+        lab = np.zeros(image.shape, np.int32)
+        lab[2:4, 0:3, 2:5] = 1  # touches y = 0
+        lab[2:4, 5:8, 5:8] = 2
+        return lab
+
+    monkeypatch.setattr(E, "cellpose_segment", fake)
+    out = E.segment(np.zeros((6, 12, 12)), (0.9, 0.3, 0.3), backend="cellpose", cellpose_model="w.pth")
+    assert seen["model"] == "w.pth" and seen["do_3D"] is True and seen["anisotropy"] == pytest.approx(3.0)
+    assert seen["dtype"] == np.float32 and set(np.unique(out)) == {0, 2}
+    with pytest.raises(ValueError, match="backend"):
+        E.segment(np.zeros((6, 12, 12)), backend="stardist")

@@ -1,0 +1,447 @@
+"""unet3d_fucci building blocks: ground truth, losses, preprocessing, network, instances, evaluation
+score, FUCCI phase rules. Values by hand or against an independent implementation."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+from monai.data import MetaTensor
+
+from common import fucci as F
+from common.losses import SoftmaxFocalLoss, WeightedCrossEntropyLoss, WeightedSoftIoULoss, make_class_loss
+from common.networks.unet3d import UNet3D
+from common.transforms import (CLAHE, BackgroundThreshold, BackgroundThresholdd, CLAHEd, GammaCorrection,
+                               MedianFilter, TopHatRemoval)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------ ground truth
+
+
+def _edge_by_definition(inst, footprint):
+    """Independent implementation: union over instances of dilation(M_k) minus M_k."""
+    edge = np.zeros(inst.shape, bool)
+    for k in np.unique(inst)[1:]:
+        m = inst == k
+        edge |= ndi.binary_dilation(m, structure=footprint) & ~m
+    return edge
+
+
+def _toy_instances():
+    inst = np.zeros((3, 16, 20), np.int32)
+    inst[1, 2:6, 2:6] = 1  # isolated square
+    inst[0:3, 8:12, 3:7] = 2  # a column through all slices
+    inst[1, 3:9, 10:14] = 3  # 3 and 4 touch along x = 13 | 14
+    inst[1, 3:9, 14:18] = 4
+    return inst
+
+
+@pytest.mark.parametrize("per_slice", [True, False])
+@pytest.mark.parametrize("width", [1, 2])
+def test_semantic_edge_exactly_dilation_minus_mask(per_slice, width):
+    inst = _toy_instances()
+    sem = F.semantic_from_instances(inst, edge_width=width, per_slice=per_slice)
+    edge = _edge_by_definition(inst, F.edge_footprint(width, per_slice))
+    assert sem.dtype == np.uint8 and set(np.unique(sem)) <= {0, 1, 2}
+    np.testing.assert_array_equal(sem == F.EDGE, edge)
+    np.testing.assert_array_equal(sem == F.NUCLEUS, (inst > 0) & ~edge)
+    np.testing.assert_array_equal(sem == F.BACKGROUND, (inst == 0) & ~edge)
+
+
+def test_semantic_by_hand_single_voxel_and_touching_pair():
+    inst = np.zeros((3, 5, 5), np.int32)
+    inst[1, 2, 2] = 1
+    sem = F.semantic_from_instances(inst)  # per slice, width 1: the 4-neighbours in the same slice
+    want = np.zeros((3, 5, 5), np.uint8)
+    want[1, 2, 2] = 2
+    want[1, [1, 3, 2, 2], [2, 2, 1, 3]] = 1
+    np.testing.assert_array_equal(sem, want)
+    sem3 = F.semantic_from_instances(inst, per_slice=False)  # 3D: z-neighbours too
+    assert sem3[0, 2, 2] == 1 and sem3[2, 2, 2] == 1 and sem3[1, 1, 1] == 0
+    # two touching 1-voxel-wide bars: each one's ring lies on the other, so both become edge
+    pair = np.zeros((1, 3, 4), np.int32)
+    pair[0, :, 1], pair[0, :, 2] = 1, 2
+    np.testing.assert_array_equal(F.semantic_from_instances(pair)[0], np.ones((3, 4), np.uint8))
+
+
+def test_clean_instances_per_slice_min_area_and_smoothing():
+    inst = np.zeros((3, 12, 12), np.int32)
+    inst[0, 2:4, 2:4] = 1  # 4 px cross-section in slice 0
+    inst[1, 2:8, 2:8] = 1  # 36 px in slice 1
+    inst[2, 9:11, 9:10] = 2  # 2 px only: the whole instance goes
+    out = F.clean_instances(inst, min_area=5)
+    assert out.dtype == np.int32
+    assert not out[0].any() and (out[1] == 1).sum() == 36 and not (out == 2).any()
+    # smoothing removes a 1-px spike and never takes pixels of a neighbour
+    sq = np.zeros((1, 16, 16), np.int32)
+    sq[0, 4:12, 4:12] = 1
+    sq[0, 7, 12] = 1  # spike
+    sq[0, 4:12, 13:15] = 2
+    sm = F.clean_instances(sq, smooth_sigma=1.0)
+    assert sm[0, 7, 12] == 0 and sm[0, 8, 8] == 1
+    assert not np.any((sq == 2) & (sm == 1))
+
+
+def test_prepare_ground_truth_returns_semantic_and_clean_instances():
+    inst = _toy_instances()
+    inst[2, 14, 0] = 9  # a 1-px speck
+    sem, clean = F.prepare_ground_truth(inst, min_area=2)
+    assert 9 not in clean and set(np.unique(clean)) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(sem, F.semantic_from_instances(clean))
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def test_weighted_cross_entropy_by_hand():
+    # two voxels, 3 classes; probabilities softmax([0, 0, ln 2]) = [1/4, 1/4, 1/2]
+    logits = torch.tensor([[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]).T.reshape(1, 3, 1, 1, 2)
+    label = torch.tensor([1.0, 2.0]).reshape(1, 1, 1, 1, 2)
+    w = [1.0, 3.0, 2.0]
+    want = (3 * -math.log(0.25) + 2 * -math.log(0.5)) / (3 + 2)
+    assert WeightedCrossEntropyLoss(w)(logits, label).item() == pytest.approx(want, rel=1e-6)
+    assert WeightedCrossEntropyLoss(None)(logits, label).item() == pytest.approx(
+        (-math.log(0.25) - math.log(0.5)) / 2, rel=1e-6)
+
+
+def test_focal_loss_by_hand_and_gamma0_is_cross_entropy():
+    logits = torch.tensor([[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]).T.reshape(1, 3, 1, 1, 2)
+    label = torch.tensor([1.0, 2.0]).reshape(1, 1, 1, 1, 2)
+    w = [1.0, 3.0, 2.0]
+    want = (3 * (1 - 0.25) ** 2 * -math.log(0.25) + 2 * (1 - 0.5) ** 2 * -math.log(0.5)) / 2
+    assert SoftmaxFocalLoss(2.0, w)(logits, label).item() == pytest.approx(want, rel=1e-5)
+    x = torch.randn(2, 3, 4, 5, 6)
+    y = torch.randint(0, 3, (2, 1, 4, 5, 6)).float()
+    assert SoftmaxFocalLoss(0.0)(x, y).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(x, y[:, 0].long()).item(), rel=1e-5)
+
+
+def test_weighted_soft_iou_by_hand():
+    # 2 voxels: p = [1/4, 1/4, 1/2] at both; labels 1 and 2
+    logits = torch.tensor([[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]).T.reshape(1, 3, 1, 1, 2)
+    label = torch.tensor([1.0, 2.0]).reshape(1, 1, 1, 1, 2)
+    # IoU_c = sum p y / sum(p + y - p y)
+    iou0 = 0.0 / (0.5 + 0 - 0)
+    iou1 = 0.25 / (0.5 + 1 - 0.25)
+    iou2 = 0.5 / (1.0 + 1 - 0.5)
+    w = [1.0, 3.0, 2.0]
+    want = (1 * (1 - iou0) + 3 * (1 - iou1) + 2 * (1 - iou2)) / 6
+    assert WeightedSoftIoULoss(w)(logits, label).item() == pytest.approx(want, abs=1e-4)
+    # a perfect one-hot prediction has (nearly) zero loss; the factory gives the same modules
+    perfect = torch.nn.functional.one_hot(label[:, 0].long(), 3).permute(0, 4, 1, 2, 3).float() * 50
+    assert make_class_loss("soft_iou", w)(perfect, label).item() < 1e-4
+
+
+def test_losses_reject_instance_maps_and_backprop():
+    x = torch.randn(1, 3, 2, 4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="class indices"):
+        make_class_loss("weighted_ce")(x, torch.full((1, 1, 2, 4, 4), 7.0))
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_class_loss("dice++")
+    y = torch.randint(0, 3, (1, 1, 2, 4, 4)).float()
+    for name in ("weighted_ce", "focal", "soft_iou"):
+        loss = make_class_loss(name)(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+# ----------------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocessing_steps_shapes_ranges_and_values():
+    rng = np.random.default_rng(0)
+    img = MetaTensor(torch.as_tensor(rng.random((2, 4, 32, 32), dtype=np.float32)),
+                     affine=torch.diag(torch.tensor([5.0, 0.5, 0.5, 1.0])))
+    for t in (BackgroundThreshold(0.3), GammaCorrection(0.5), CLAHE(0.02, (4, 4)), MedianFilter((1, 3, 3)),
+              TopHatRemoval((0, 2, 2))):
+        out = t(img)
+        assert isinstance(out, MetaTensor) and out.shape == img.shape and out.dtype == torch.float32
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+        assert np.allclose(out.pixdim, (5.0, 0.5, 0.5))
+    x = np.array([[[[0.1, 0.25, 0.5, 1.0]]]], np.float32)  # CZYX
+    np.testing.assert_allclose(BackgroundThreshold(0.3)(x), [[[[0, 0, 0.5, 1.0]]]])
+    np.testing.assert_allclose(GammaCorrection(0.5)(x), np.sqrt(x), rtol=1e-6)
+    assert GammaCorrection(2.0, enabled=False)(x) is x
+    # numpy in -> numpy out; dict twin
+    d = BackgroundThresholdd(keys="image", threshold=0.3)({"image": x})
+    assert isinstance(d["image"], np.ndarray)
+
+
+def test_clahe_raises_local_contrast_per_slice():
+    # a dim and a bright half: CLAHE brings up detail in the dim half, range stays [0, 1]
+    rng = np.random.default_rng(1)
+    img = np.zeros((1, 2, 64, 64), np.float32)
+    img[0, :, :, :32] = 0.1 + 0.02 * rng.random((2, 64, 32))
+    img[0, :, :, 32:] = 0.8 + 0.2 * rng.random((2, 64, 32))
+    out = CLAHE(0.03, (4, 4))(img)
+    assert out[0, :, :, :32].std() > 3 * img[0, :, :, :32].std()
+    assert CLAHE((0.01), (8, 8)).kernel_size((3, 64, 48)) == (1, 8, 6)
+    assert CLAHE(0.01, (2, 4, 4)).kernel_size((6, 64, 48)) == (3, 16, 12)
+    const = np.full((1, 2, 8, 8), 0.5, np.float32)
+    np.testing.assert_array_equal(CLAHEd(keys="i")({"i": const})["i"], const)
+
+
+def test_median_and_tophat_remove_small_bright_things_keep_nuclei():
+    img = np.zeros((1, 1, 32, 32), np.float32)
+    yy, xx = np.mgrid[:32, :32]
+    img[0, 0][(yy - 16) ** 2 + (xx - 16) ** 2 <= 36] = 0.6  # a nucleus, radius 6
+    img[0, 0, 3, 3] = 1.0  # a 1-px artefact
+    med = MedianFilter((1, 3, 3))(img)
+    assert med[0, 0, 3, 3] == 0 and med[0, 0, 16, 16] == pytest.approx(0.6)
+    top = TopHatRemoval((0, 2, 2))(img)
+    assert top[0, 0, 3, 3] == 0 and top[0, 0, 16, 16] == pytest.approx(0.6)
+    assert np.all(top <= img + 1e-7)
+
+
+def test_preprocessing_rejects_unscaled_input():
+    with pytest.raises(ValueError, match=r"expects intensities in \[0, 1\].*ScaleIntensityRangePercentilesd"):
+        CLAHE()(np.full((1, 2, 8, 8), 300.0, np.float32))
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        GammaCorrection(0)
+
+
+# ------------------------------------------------------------------------------------------ network
+
+
+def test_unet3d_shapes_levels_and_torchscript():
+    net = UNet3D(in_channels=2, out_channels=3, features=[4, 8, 16])
+    assert net.size_multiple == (4, 4, 4)
+    pools = [m for m in net.modules() if isinstance(m, torch.nn.MaxPool3d)]
+    ups = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose3d)]
+    assert len(pools) == 2 and len(ups) == 2 and net.head.kernel_size == (1, 1, 1)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    x = torch.randn(1, 2, 8, 16, 12)
+    y = net(x)
+    assert y.shape == (1, 3, 8, 16, 12)
+    ts = torch.jit.script(net)
+    torch.testing.assert_close(ts(x), y)
+    aniso = UNet3D(1, 3, [4, 8, 16], pool_size=(1, 2, 2))
+    assert aniso.size_multiple == (1, 4, 4) and aniso(torch.randn(1, 1, 3, 8, 8)).shape == (1, 3, 3, 8, 8)
+    with pytest.raises(ValueError, match="norm"):
+        UNet3D(norm="group")
+
+
+# ---------------------------------------------------------------------------------------- instances
+
+
+def _two_touching_balls():
+    zz, yy, xx = np.mgrid[:16, :32, :48]
+    a = (zz - 8) ** 2 + (yy - 16) ** 2 + (xx - 14) ** 2 <= 64
+    b = (zz - 8) ** 2 + (yy - 16) ** 2 + (xx - 29) ** 2 <= 64
+    gt = np.zeros(a.shape, np.int32)
+    gt[a] = 1
+    gt[b & ~a] = 2
+    prob = np.zeros((3,) + a.shape, np.float32)
+    prob[0] = 1.0
+    prob[:, a | b] = np.array([0.0, 0.1, 0.9])[:, None]
+    return gt, prob
+
+
+def test_watershed_splits_touching_nuclei_that_connected_components_merge():
+    from common.metrics import matching
+
+    gt, prob = _two_touching_balls()
+    cc = F.instances_connected_components(prob)
+    ws = F.instances_watershed(prob, spacing=(1.0, 1.0, 1.0), h_um=1.0)
+    assert cc.max() == 1
+    assert ws.max() == 2
+    assert matching(gt, ws, thresholds=[0.8])["tp"][0] == 2
+    # the semantic map gives the same connected components
+    sem = np.argmax(prob, 0)
+    np.testing.assert_array_equal(F.instances_connected_components(sem), cc)
+    with pytest.raises(ValueError, match="unknown instance method"):
+        F.instances_from_prediction(prob, method="magic")
+
+
+def test_semantic_to_instances_transform_keeps_meta():
+    _, prob = _two_touching_balls()
+    p = MetaTensor(torch.as_tensor(prob), affine=torch.diag(torch.tensor([2.0, 0.5, 0.5, 1.0])),
+                   meta={"filename_or_obj": "x.tif"})
+    d = F.SemanticToInstancesd(keys="pred", method="watershed", h_um=0.5)({"pred": p})
+    assert d["instances"].shape == (1, 16, 32, 48) and d["instances"].dtype == torch.int32
+    assert d["pred"].shape == (1, 16, 32, 48) and set(torch.unique(d["pred"]).tolist()) == {0, 2}
+    assert d["instances"].meta["filename_or_obj"] == "x.tif" and np.allclose(d["instances"].pixdim, (2.0, 0.5, 0.5))
+    assert int(d["instances"].max()) == 2
+
+
+# --------------------------------------------------------------------------------- evaluation score
+
+
+def test_evaluation_score_formula_by_hand():
+    gt = np.zeros((1, 12, 12), np.int32)
+    gt[0, 2:6, 2:6] = 1  # 16 voxels
+    pred = np.zeros_like(gt)
+    pred[0, 2:6, 2:4] = 5  # left half: 8 voxels
+    ev = F.evaluation_score(gt, pred)
+    (row,) = ev["per_nucleus"]
+    assert row["full_dice"] == pytest.approx(2 * 8 / (16 + 8))
+    # subregion Dice by an independent count inside the bounding box of gt + its ring
+    sg = F.semantic_from_instances(gt)[0, 1:7, 1:7]
+    sp = F.semantic_from_instances(pred)[0, 1:7, 1:7]
+    dice = [2 * np.sum((sg == c) & (sp == c)) / (np.sum(sg == c) + np.sum(sp == c)) for c in (1, 2)]
+    assert row["subregion_dice"] == pytest.approx(np.mean(dice))
+    assert row["score"] == pytest.approx((0.95 * np.mean(dice) + 1.05 * 2 * 8 / 24) / 2)
+    assert ev["score"] == pytest.approx(row["score"])
+    assert F.evaluation_score(gt, gt)["score"] == pytest.approx(1.0)
+    assert F.evaluation_score(gt, np.zeros_like(gt))["score"] == 0.0
+    assert F.evaluation_score(gt, pred, weights=(1.0, 1.0))["score"] == pytest.approx(
+        (row["subregion_dice"] + row["full_dice"]) / 2)
+
+
+def test_segmentation_report_perfect_and_merged():
+    gt, prob = _two_touching_balls()
+    sem_gt = F.semantic_from_instances(gt)
+    r = F.segmentation_report(sem_gt, sem_gt, gt, gt)
+    assert r["f1_nucleus"] == 1.0 and r["ap50"] == 1.0 and r["mAP"] == 1.0 and r["score"] == pytest.approx(1.0)
+    merged = (gt > 0).astype(np.int32)
+    r = F.segmentation_report(sem_gt, sem_gt, gt, merged)
+    assert r["n_pred"] == 1 and r["ap50"] <= 0.5 and r["score"] < 1.0
+
+
+# ------------------------------------------------------------------------------------- phase rules
+
+
+def test_phase_rules():
+    red = [True, False, True, False]
+    green = [False, True, True, False]
+    assert list(F.phase_from_reporters(red, green)) == ["G1", "S/G2/M", "G1/S", "early_G1"]
+    assert F.phase_from_reporters(True, False) == "G1"
+    with pytest.raises(ValueError):
+        F.phase_from_reporters([True], [True, False])
+
+
+def _four_nuclei():
+    lab = np.zeros((2, 10, 40), np.int32)
+    img = np.full((3, 2, 10, 40), 10.0)  # background 10 in every channel
+    levels = {1: (100, 10), 2: (10, 100), 3: (100, 100), 4: (10, 10)}  # (Cy3, GFP) means
+    for k, (r, g) in levels.items():
+        sl = (slice(0, 2), slice(2, 6), slice(10 * (k - 1) + 2, 10 * (k - 1) + 6))
+        lab[sl] = k
+        img[0][sl], img[1][sl], img[2][sl] = r, g, 50.0
+    return lab, img
+
+
+def test_nucleus_table_by_hand_with_user_thresholds_and_otsu():
+    lab, img = _four_nuclei()
+    tab, th = F.nucleus_table(lab, img, spacing=(5.0, 0.5, 0.5), normalise_by=None, background=10.0,
+                              thresholds={"Cy3": 45.0, "GFP": 45.0})
+    assert list(tab["phase"]) == ["G1", "S/G2/M", "G1/S", "early_G1"]
+    assert th == {"Cy3": 45.0, "GFP": 45.0}
+    np.testing.assert_allclose(tab["volume_um3"], 32 * 5.0 * 0.25)
+    np.testing.assert_allclose(tab["centroid_z_um"], 0.5 * 5.0)
+    np.testing.assert_allclose(tab["centroid_x_um"], [(10 * k + 3.5) * 0.5 for k in range(4)])
+    np.testing.assert_allclose(tab["mean_Cy3"], [90, 0, 90, 0])  # background subtracted
+    # Otsu (log levels) finds the same split; Hoechst normalisation leaves it unchanged
+    tab2, th2 = F.nucleus_table(lab, img, spacing=(5.0, 0.5, 0.5), normalise_by="Hoechst", background="auto")
+    assert list(tab2["phase"]) == list(tab["phase"])
+    assert 0 < th2["Cy3"] < 90 / 40
+    d = F.phase_distribution(tab["phase"])
+    assert d == {"G1": 0.25, "S/G2/M": 0.25, "G1/S": 0.25, "early_G1": 0.25}
+    with pytest.raises(ValueError, match="channel 'mCherry'"):
+        F.nucleus_table(lab, img, red="mCherry")
+
+
+def test_phase_agreement_counts_only_matched_nuclei():
+    lab, _ = _four_nuclei()
+    truth = {1: "G1", 2: "S/G2/M", 3: "G1/S", 4: "early_G1"}
+    pred = lab.copy()
+    pred[pred == 4] = 0  # nucleus 4 missed
+    called = {1: "G1", 2: "G1", 3: "G1/S"}
+    a = F.phase_agreement(lab, truth, pred, called)
+    assert a["n_matched"] == 3 and a["accuracy"] == pytest.approx(2 / 3)
+    assert a["pred_distribution"]["G1"] == pytest.approx(2 / 3)
+    assert a["max_abs_diff_pp"] == pytest.approx(100 * (2 / 3 - 0.25))
+
+
+def test_phases_on_synthetic_spheroid_with_true_masks():
+    """Otsu (log) phase calls on a synthetic FUCCI spheroid with its true masks: >= 90% correct."""
+    from common.synthetic import make_fucci_spheroid
+
+    d = make_fucci_spheroid(shape=(16, 96, 96), n_nuclei=30, seed=5)
+    tab, _ = F.nucleus_table(d["labels"], d["image"], spacing=d["spacing_um"], normalise_by=None)
+    truth = np.array([d["phases"][int(i)] for i in tab["id"]])
+    assert (tab["phase"].to_numpy() == truth).mean() >= 0.9
+
+
+# ------------------------------------------------------------------------------------ data and GT
+
+
+def test_load_fucci_manifest_names_bad_labels_and_channels(tmp_path):
+    from common.data import ManifestError
+    from common.io import write_ome_tiff
+
+    img = np.random.default_rng(0).random((3, 4, 16, 16)).astype(np.float32)
+    inst = np.zeros((4, 16, 16), np.uint16)
+    inst[1:3, 4:8, 4:8] = 7
+    write_ome_tiff(tmp_path / "img.ome.tif", img, "CZYX")
+    write_ome_tiff(tmp_path / "inst.ome.tif", inst, "ZYX")
+    write_ome_tiff(tmp_path / "sem.ome.tif", F.semantic_from_instances(inst), "ZYX")
+    (tmp_path / "ok.csv").write_text("path_image,path_label\nimg.ome.tif,sem.ome.tif\n")
+    recs = F.load_fucci_manifest(tmp_path / "ok.csv", input_channels=[2])
+    assert recs[0]["label"].endswith("sem.ome.tif")
+    (tmp_path / "bad.csv").write_text("path_image,path_label\nimg.ome.tif,inst.ome.tif\nimg.ome.tif,nope.tif\n")
+    with pytest.raises(ManifestError) as e:
+        F.load_fucci_manifest(tmp_path / "bad.csv", input_channels=[5])
+    msg = str(e.value)
+    assert "line 2" in msg and "inst.ome.tif: label values 0..7" in msg and "fucci_prepare_gt.py" in msg
+    assert "nope.tif: file not found" in msg and "input_channels=[5] needs 6" in msg
+
+
+def _run_script(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_prepare_gt_from_masks_round_trip(tmp_path):
+    from common.io import read_image, write_ome_tiff
+
+    inst = _toy_instances().astype(np.uint16)
+    write_ome_tiff(tmp_path / "m" / "s1_instances.ome.tif", inst, "ZYX", (5.0, 0.5, 0.5))
+    write_ome_tiff(tmp_path / "i" / "s1.ome.tif", np.random.default_rng(0).random(inst.shape).astype(np.float32),
+                   "ZYX", (5.0, 0.5, 0.5))
+    p = _run_script(["scripts/fucci_prepare_gt.py", "from_masks", "--masks", str(tmp_path / "m"), "--images",
+                     str(tmp_path / "i"), "--out_dir", str(tmp_path / "gt"), "--min_area", "0", "--smooth_sigma", "0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    sem, sp, known = read_image(tmp_path / "gt" / "s1_semantic.ome.tif")
+    np.testing.assert_array_equal(sem[0], F.semantic_from_instances(inst))
+    assert known and np.allclose(sp, (5.0, 0.5, 0.5))
+    recs = F.load_fucci_manifest(tmp_path / "gt" / "manifest.csv")
+    assert recs[0]["instances"].endswith("s1_instances.ome.tif")
+
+
+def test_prepare_gt_from_cellpose_wiring(tmp_path, monkeypatch):
+    """The Cellpose path: masks from `cellpose_segment` (stubbed: no weights here) become ground truth."""
+    import common.segmentation
+    from common.io import read_image, write_ome_tiff
+
+    spec = importlib.util.spec_from_file_location("fucci_prepare_gt", os.path.join(ROOT, "scripts", "fucci_prepare_gt.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    inst = _toy_instances()
+    img = np.stack([np.zeros(inst.shape), np.zeros(inst.shape), inst * 100.0]).astype(np.float32)
+    write_ome_tiff(tmp_path / "stacks" / "a.ome.tif", img, "CZYX", (5.0, 0.5, 0.5))
+    weights = tmp_path / "my_model"
+    weights.write_bytes(b"x")
+    calls = {}
+
+    def fake(vol, pretrained_model, **kw):
+        calls.update(kw, model=pretrained_model, max=float(vol.max()))
+        return inst
+
+    monkeypatch.setattr(common.segmentation, "cellpose_segment", fake)
+    man = mod.from_cellpose(str(tmp_path / "stacks"), str(weights), str(tmp_path / "gt"), channel=2, min_area=0,
+                            smooth_sigma=0)
+    assert calls["model"] == str(weights) and calls["max"] == 400.0 and calls["stitch_threshold"] == 0.25
+    sem = read_image(tmp_path / "gt" / "a_semantic.ome.tif")[0][0]
+    np.testing.assert_array_equal(sem, F.semantic_from_instances(inst))
+    assert os.path.isfile(man)
+    with pytest.raises(FileNotFoundError, match="Cellpose weights not found"):
+        mod.from_cellpose(str(tmp_path / "stacks"), str(tmp_path / "missing"), str(tmp_path / "gt2"))
+    with pytest.raises(ValueError, match="--channel 5 does not exist"):
+        mod.from_cellpose(str(tmp_path / "stacks"), str(weights), str(tmp_path / "gt3"), channel=5)

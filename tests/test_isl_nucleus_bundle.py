@@ -1,0 +1,238 @@
+"""isl_nucleus_seg end to end: both stages through the bundle's train.json (in-process ConfigWorkflow, tiny
+network, two iterations), inference, MONAI Label's BundleInferTask, DDP with two CPU processes, named
+errors on bad input and the few-shot script."""
+
+import csv
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.handlers import from_engine
+
+from common.data import ManifestError
+from common.io import read_image, write_ome_tiff
+from common.synthetic import write_dataset_2d_isl
+from zoo_testing import BUNDLES, ROOT, TINY, TINY_TRAIN, run_bundle
+
+B = "isl_nucleus_seg"
+BUNDLE = os.path.join(BUNDLES, B)
+pytestmark = pytest.mark.slow
+
+
+def _workflow(overrides, config="train.json", workflow_type="train", bundle_root=BUNDLE):
+    from monai.bundle import ConfigWorkflow
+
+    files = [os.path.join(BUNDLE, "configs", c) for c in ([config] if isinstance(config, str) else config)]
+    wf = ConfigWorkflow(config_file=files if len(files) > 1 else files[0], workflow_type=workflow_type,
+                        **dict(overrides, bundle_root=str(bundle_root)))
+    wf.initialize()
+    return wf
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("isl_data")
+    manifest = write_dataset_2d_isl(str(d), n_images=3, shape=(64, 64), n_cells=5, seed=4)
+    header, *rows = list(csv.reader(open(manifest)))
+    out = {"dir": str(d)}
+    for name, part in {"train": rows[:2], "val": rows[2:]}.items():
+        out[name] = _write_csv(d / f"{name}.csv", header, part)
+    return out
+
+
+def _overrides(data, out, **kw):
+    ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
+              ckpt_dir=str(out / "models"), output_dir=str(out / "runs"))
+    ov.update(kw)
+    return ov
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """Stage 0 then stage 1 (init = stage 0), two iterations each, through configs/train.json."""
+    out = tmp_path_factory.mktemp("isl_run")
+    res = {"out": out}
+    wf0 = _workflow(_overrides(data, out, stage=0))
+    wf0.run()
+    res["stage0_metrics"] = dict(wf0.parser.get_parsed_content("validate#evaluator").state.metrics)
+    res["stage0_iterations"] = wf0.parser.get_parsed_content("train#trainer").state.iteration
+    res["stage0_loss_fn"] = type(wf0.parser.get_parsed_content("loss")).__name__
+    wf0.finalize()
+    wf1 = _workflow(_overrides(data, out, stage=1))
+    net1 = wf1.parser.get_parsed_content("network")
+    res["stage1_init_state"] = {k: v.detach().clone() for k, v in net1.state_dict().items()}
+    trainer = wf1.parser.get_parsed_content("train#trainer")
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: losses.append(from_engine(["loss"], first=True)(e.state.output)))
+    wf1.run()
+    res["stage1_iterations"] = trainer.state.iteration
+    res["stage1_losses"] = [float(v) for v in losses]
+    res["stage1_metrics"] = dict(wf1.parser.get_parsed_content("validate#evaluator").state.metrics)
+    res["stage1_head"] = type(net1.head).__name__
+    wf1.finalize()
+    return res
+
+
+def test_two_iteration_training_of_each_stage(trained):
+    out = trained["out"]
+    assert trained["stage0_iterations"] == 2 and trained["stage1_iterations"] == 2
+    assert trained["stage0_loss_fn"] == "L1Loss" and trained["stage1_head"] == "ShiftedSigmoid"
+    assert -1.0 <= trained["stage0_metrics"]["val_pearson"] <= 1.0
+    assert 0.0 <= trained["stage1_metrics"]["val_iou"] <= 1.0
+    assert len(trained["stage1_losses"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in trained["stage1_losses"])  # a soft Jaccard loss of probabilities
+    s0 = torch.load(out / "models" / "model_stage0.pt", weights_only=True)  # plain state dicts
+    s1 = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert set(s0) == set(s1) and "base.encoder.conv0.weight" in s0
+    # stage 1 started from the whole stage-0 network (every tensor), and training changed it
+    init = trained["stage1_init_state"]
+    assert all(torch.equal(init[k].cpu(), s0[k]) for k in s0)
+    assert any(not torch.equal(s1[k], s0[k]) for k in s0 if s0[k].is_floating_point())
+
+
+def test_stage1_scratch_differs_from_isl_init(data, trained, tmp_path):
+    wf = _workflow(_overrides(data, tmp_path, stage=1, init="scratch"))
+    net = wf.parser.get_parsed_content("network")
+    s0 = torch.load(trained["out"] / "models" / "model_stage0.pt", weights_only=True)
+    w = net.state_dict()["base.encoder.conv0.weight"].cpu()
+    assert not torch.equal(w, s0["base.encoder.conv0.weight"])
+
+
+def test_evaluate_config_reloads_the_saved_model(data, trained, tmp_path):
+    """evaluate.json on the stage-0 model reproduces the Pearson r measured when it was saved."""
+    ov = _overrides(data, trained["out"], stage=0)
+    wf = _workflow(ov, ["train.json", "evaluate.json"], bundle_root=tmp_path)
+    wf.run()
+    r = wf.parser.get_parsed_content("validate#evaluator").state.metrics["val_pearson"]
+    assert r == pytest.approx(trained["stage0_metrics"]["val_pearson"], abs=1e-5)
+    rows = list(csv.reader(open(tmp_path / "eval" / "stage0" / "val_pearson_raw.csv"), delimiter="\t"))
+    assert len(rows) == 2 and "dapi_02" in rows[1][0]  # header + the one validation image
+
+
+def test_inference_mask_and_stain_keep_input_size(trained, tmp_path):
+    out = trained["out"]
+    rng = np.random.default_rng(0)
+    write_ome_tiff(tmp_path / "in" / "odd.ome.tif", rng.random((3, 70, 90)).astype(np.float32), "CYX",
+                   spacing_um=(0.5, 0.5))
+    ov = dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
+              ckpt_path=str(out / "models" / "model.pt"))
+    wf = _workflow(ov, "inference.json", "infer")
+    wf.run()
+    mask, spacing, known = read_image(tmp_path / "pred" / "odd_nuclei.ome.tif", spatial_dims=2)
+    assert mask.shape == (1, 70, 90) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 1} and known and np.allclose(spacing, (0.5, 0.5))
+    # stage 0: the predicted stain (float), same size
+    wf0 = _workflow(dict(ov, stage=0, ckpt_path=str(out / "models" / "model_stage0.pt")), "inference.json", "infer")
+    wf0.run()
+    stain, _, _ = read_image(tmp_path / "pred" / "odd_stain.ome.tif", spatial_dims=2)
+    assert stain.shape == (1, 70, 90) and stain.dtype == np.float32 and stain.std() > 0
+    assert sorted(os.listdir(tmp_path / "pred")) == ["odd_nuclei.ome.tif", "odd_stain.ome.tif"]
+
+
+def test_monailabel_bundle_infer_task_writes_mask_of_input_size(tmp_path):
+    """The unmodified inference.json (DenseNet-121, 512 windows) served by MONAI Label's BundleInferTask."""
+    pytest.importorskip("monailabel")
+    import monai.transforms as mt
+    from monai.inferers import SlidingWindowInferer
+    from monailabel.tasks.infer.bundle import BundleInferTask
+
+    from common.networks.densenet_unet import DenseNetUNet, ISLNet, ShiftedSigmoid
+
+    root = tmp_path / B
+    shutil.copytree(os.path.join(BUNDLE, "configs"), root / "configs")
+    (root / "models").mkdir()
+    x = np.random.default_rng(1).random((3, 100, 130)).astype(np.float32)
+    img = tmp_path / "field.ome.tif"
+    write_ome_tiff(img, x, "CYX")
+    torch.manual_seed(0)
+    net = ISLNet(DenseNetUNet(in_channels=3), ShiftedSigmoid()).eval()
+    xn = torch.as_tensor((x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True))[None]
+    inferer = SlidingWindowInferer(roi_size=(512, 512), sw_batch_size=4, overlap=0.25, mode="gaussian")
+    with torch.no_grad():  # shift the random network so that about half of the field is "nucleus"
+        raw = inferer(xn, net.base)
+        net.base.segmentation_head[0].bias += 0.5 - raw.median()
+        expected = (inferer(xn, net)[0, 0] >= 0.5).numpy().astype(np.uint8)
+    assert 0.2 < expected.mean() < 0.8
+    torch.save(net.state_dict(), root / "models" / "model.pt")
+
+    task = BundleInferTask(str(root), conf={})
+    assert task.is_valid() and task.labels == {"nucleus": 1}
+    result_file, _ = task({"image": str(img), "device": "cpu"})
+    assert os.path.isfile(result_file)
+    arr = np.squeeze(np.asarray(mt.LoadImage(image_only=True)(result_file)))
+    # ITK writes YX as XY: the mask has the input's size (either axis order) and the network's values
+    assert arr.shape in {(100, 130), (130, 100)}
+    assert np.array_equal(arr if arr.shape == (100, 130) else arr.T, expected)
+
+
+def test_ddp_two_cpu_processes(data, tmp_path):
+    ov = _overrides(data, tmp_path, stage=0, epoch_length=2, batch_size=2)
+    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
+    # each of the 2 ranks runs half of the epoch's crops
+    per_rank = -(-ov["epoch_length"] * ov["batch_size"] // 2 // ov["batch_size"])
+    assert f"Iter: {per_rank}/{per_rank}" in p.output and f"Iter: {per_rank + 1}/" not in p.output
+    assert os.path.isfile(tmp_path / "models" / "model_stage0.pt")
+    sd = torch.load(tmp_path / "models" / "model_stage0.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in sd)
+
+
+def test_bad_input_named_before_training(data, tmp_path):
+    folder = data["dir"]
+    rng = np.random.default_rng(0)
+    write_ome_tiff(tmp_path / "two_channels.ome.tif", rng.random((2, 64, 64)).astype(np.float32), "CYX")
+    write_ome_tiff(tmp_path / "small_mask.ome.tif", np.ones((48, 64), np.uint8), "YX")
+    write_ome_tiff(tmp_path / "empty_mask.ome.tif", np.zeros((64, 64), np.uint8), "YX")
+    sig, tgt, lab = (os.path.join(folder, f) for f in ("brightfield_00.ome.tif", "dapi_00.ome.tif", "nuclei_00.ome.tif"))
+    bad = _write_csv(tmp_path / "bad.csv", ["path_signal", "path_target", "path_label"],
+                     [[str(tmp_path / "two_channels.ome.tif"), tgt, lab],
+                      [sig, tgt, str(tmp_path / "small_mask.ome.tif")],
+                      [sig, tgt, str(tmp_path / "empty_mask.ome.tif")]])
+    wf = _workflow(_overrides(data, tmp_path, stage=1, init="scratch", train_manifest=bad))
+    with pytest.raises(ManifestError) as e:
+        wf.run()
+    msg = str(e.value)
+    assert "two_channels.ome.tif: 2 channel(s), expected 3" in msg and "line 2" in msg
+    assert "line 3: shape mismatch" in msg and "small_mask.ome.tif" in msg
+    assert "empty_mask.ome.tif: mask is empty" in msg and "line 4" in msg
+    assert not os.path.exists(tmp_path / "models" / "model.pt")
+    # stage 1 from ISL without a stage-0 model: named before training
+    wf = _workflow(_overrides(data, tmp_path, stage=1, stage0_ckpt=str(tmp_path / "none.pt")))
+    with pytest.raises(FileNotFoundError, match="train stage 0 first"):
+        wf.run()
+
+
+def test_fewshot_script_equal_budget_and_subsets(data, tmp_path):
+    spec = importlib.util.spec_from_file_location("isl_fewshot", os.path.join(ROOT, "scripts", "isl_fewshot.py"))
+    fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fs)
+    d = tmp_path / "data"
+    shutil.copytree(data["dir"], d)
+    for name, src in {"stage0_train": "train.csv", "test": "val.csv", "pool": "train.csv"}.items():
+        shutil.copy(d / src, d / f"{name}.csv")
+    net = {k: v for k, v in TINY[B].items() if k.startswith("network_def")}
+    res = fs.run(out_dir=str(tmp_path / "out"), data_dir=str(d), ns=[1, 2], inits=["isl", "scratch"],
+                 stage0_iterations=2, iterations=3, batch_size=2, patch_size=64, eval_roi=64, net_overrides=net,
+                 preview=False)
+    rows = res["fewshot"]
+    assert [(r["n_images"], r["init"]) for r in rows] == [(1, "isl"), (1, "scratch"), (2, "isl"), (2, "scratch")]
+    assert all(r["iterations"] == 3 for r in rows)  # equal budget
+    assert all(0.0 <= r["test_iou"] <= 1.0 for r in rows)
+    pool = list(csv.reader(open(d / "pool.csv")))
+    for n in (1, 2):
+        assert list(csv.reader(open(d / f"fewshot_{n}.csv"))) == pool[: n + 1]
+    table = (tmp_path / "out" / "fewshot.md").read_text()
+    assert "| 1 | isl |" in table and "| 2 | scratch |" in table and "0 (stage 0 only)" in table
+    assert (tmp_path / "out" / "fewshot.png").is_file()
