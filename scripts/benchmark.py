@@ -787,7 +787,6 @@ def run(profile: str = "full", only: str | None = None, skip: str | None = None,
     if out:
         write_json(out, {"environment": env, "rows": rows})
         _log(f"written {out}")
-    return rows
 
 
 def _make_volume(shape, seed):
@@ -800,7 +799,7 @@ def _make_volume(shape, seed):
 
 def quality(steps: int = 60, mult_chan: int = 8, depth: int = 3, patch=(16, 64, 64), batch: int = 4,
             n_train: int = 3, shape=(32, 96, 96), lr: float = 1e-3, seed: int = 0, threads: int | None = None,
-            out: str | None = None) -> dict:
+            out: str | None = None) -> None:
     """Does bf16 cost quality? Train F-net twice from the same initial weights on the same random
     patches of synthetic phantoms, in fp32 (reference) and with the fast path (bf16 autocast +
     channels-last, exactly what train.json's switches do), then predict a held-out phantom with each
@@ -863,7 +862,6 @@ def quality(steps: int = 60, mult_chan: int = 8, depth: int = 3, patch=(16, 64, 
     _log(f"\nrelative difference {rel:.2%} ({'within' if rel <= 0.01 else 'NOT within'} 1 %)")
     if out:
         write_json(out, summary)
-    return summary
 
 
 def _train_on(net, state: dict, x, y) -> float:
@@ -875,7 +873,7 @@ def _train_on(net, state: dict, x, y) -> float:
     loss = torch.nn.functional.mse_loss(state["inferer"](x, net), y)
     loss.backward()
     state["opt"].step()
-    return float(loss)
+    return float(loss.detach())
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ WEIGHT_SUFFIXES = (".pt", ".ts")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # earliest date a zip can hold: reproducible archives
 
 
+def _publishable(path: str) -> None:
+    """mkstemp files are private (0600); released files are read by web servers: 0644 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 class PackagingError(ValueError):
     """A bundle cannot be packaged; the message lists every problem found."""
 
@@ -157,6 +164,7 @@ def write_zip(path: str, files: list[tuple[str, str]]) -> str:
                 info.external_attr = (0o100644 & 0xFFFF) << 16
                 with open(src, "rb") as f, zf.open(info, "w") as out:
                     shutil.copyfileobj(f, out, 1 << 20)
+        _publishable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -178,6 +186,7 @@ def _write_json_atomic(path: str, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+        _publishable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

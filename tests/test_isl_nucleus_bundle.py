@@ -118,8 +118,9 @@ def test_evaluate_config_reloads_the_saved_model(data, trained, tmp_path):
     wf.run()
     r = wf.parser.get_parsed_content("validate#evaluator").state.metrics["val_pearson"]
     assert r == pytest.approx(trained["stage0_metrics"]["val_pearson"], abs=1e-5)
-    rows = list(csv.reader(open(tmp_path / "eval" / "stage0" / "val_pearson_raw.csv"), delimiter="\t"))
-    assert len(rows) == 2 and "dapi_02" in rows[1][0]  # header + the one validation image
+    rows = list(csv.reader(open(tmp_path / "eval" / "stage0" / "val_pearson_raw.csv")))
+    assert len(rows) == 2 and rows[1][0].endswith("brightfield_02.ome.tif")  # header + the validation image
+    assert float(rows[1][1]) == pytest.approx(r, abs=1e-5)
 
 
 def test_inference_mask_and_stain_keep_input_size(trained, tmp_path):

@@ -106,7 +106,8 @@ def test_evaluate_config_reports_dice(trained, tmp_path):
 
 
 def test_ddp_two_cpu_processes(data, tmp_path):
-    ov = _train_overrides(data, tmp_path)
+    # validation on the 2 training spheroids: MONAI's DistributedSampler needs an item per rank
+    ov = dict(_train_overrides(data, tmp_path), val_manifest=data["train"])
     p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
     n_patches = ov["epoch_length"] * ov["batch_size"]
     per_rank = -(-n_patches // 2 // ov["batch_size"])
@@ -129,7 +130,8 @@ def test_bad_input_named_before_training(data, tmp_path):
     assert "line 2" in p.output and "line 3" in p.output
     assert "Epoch:" not in p.output and not os.path.exists(tmp_path / "models" / "model.pt")
     # inference: a 1-channel stack where channel 2 (Hoechst) is asked for
-    write_ome_tiff(tmp_path / "one" / "one.ome.tif", np.ones((4, 16, 16), np.float32), "ZYX")
+    write_ome_tiff(tmp_path / "one" / "one.ome.tif", np.random.default_rng(0).random((4, 16, 16)).astype(np.float32),
+                   "ZYX")
     p = run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "one"), input_channels=[2],
                                              output_dir=str(tmp_path / "p")), check=False)
     assert p.returncode != 0 and "one.ome.tif: 1 channel(s), but input_channels=[2] needs 3" in p.output

@@ -1,0 +1,259 @@
+"""Few-shot benchmark of the isl_cell_instance bundle on BBBC030: from scratch vs ISL-pretrained.
+
+    python scripts/benchmark_isl_cell.py --out_dir benchmarks/isl_cell_instance \\
+        --docs_dir bundles/isl_cell_instance/docs          # ~20 min on 2 busy CPU cores
+
+Everything runs through the bundle's own configs with ``python -m monai.bundle run`` (the commands a
+user types), with the CPU overrides below, one thread per process:
+
+1. BBBC030 (``../shared/data/bbbc030_dic_cells``) is downsampled 2x by block mean
+   (``scripts/prepare_bbbc030.py``); few-shot training sets of ``N`` images (nested, seeded), the
+   validation pair cho39/cho40, and the 20 test images cho41..60;
+2. stage 0 (ISL pretraining, ``train.json`` + ``pretrain.json``): DIC -> membrane stain on synthetic
+   phantoms (``common.synthetic.make_dic_membrane_2d`` at 0.8 um pixels, whose cells are about as
+   large in pixels as BBBC030's after downsampling); no real DIC + CellMask pair is available;
+3. stage 1 (``train.json``) for every ``N`` twice, (a) from scratch and (b) from the stage-0 network,
+   each with the same budget: ``iterations`` steps of ``batch_size`` patches (equal CPU work; the
+   pretraining cost is reported separately); the model is the last one (the single validation at the
+   end does not select anything);
+4. ``inference.json`` on the test images; the instance labels are scored against the connected
+   components of the test masks with :func:`common.metrics.dataset_average_precision` (TP, FP, FN
+   summed over all 20 images, AP = TP / (TP + FP + FN) at IoU 0.50:0.05:0.95, mAP their mean), F1 at
+   IoU 0.5 and the mean aggregated Jaccard index.
+
+Outputs in ``out_dir``: ``results.json``, ``results.md`` (table), ``ap_vs_shots.png``, ``logs/`` (one
+log per bundle run); with ``docs_dir`` the table and figure are also copied there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import fire
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, ROOT)
+
+BUNDLE = os.path.join(ROOT, "bundles", "isl_cell_instance")
+
+#: the reduced network of the CPU benchmark: DenseNet-121's layer layout (blocks 6-12-24-16) at a quarter of its width
+CPU_NETWORK = {
+    "base_def#init_features": 16,
+    "base_def#growth_rate": 8,
+    "base_def#decoder_channels": [128, 64, 32, 16, 8],
+}
+
+
+def _env(threads: int) -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        e[k] = str(threads)
+    return e
+
+
+def _bundle_run(configs, overrides: dict, log_path: str, threads: int) -> float:
+    """``python -m monai.bundle run`` with overrides; raises with the log's tail on failure; returns seconds."""
+    cfg = [os.path.join(BUNDLE, "configs", c) for c in configs]
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", cfg[0] if len(cfg) == 1 else json.dumps(cfg),
+            "--logging_file", os.path.join(BUNDLE, "configs", "logging.conf")]
+    for k, v in dict({"bundle_root": BUNDLE}, **overrides).items():
+        args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        log.write(" ".join(args) + "\n\n")
+        log.flush()
+        p = subprocess.run(args, cwd=BUNDLE, env=_env(threads), stdout=log, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = open(log_path).read()[-3000:]
+        raise RuntimeError(f"bundle run failed ({p.returncode}), log {log_path}:\n{tail}")
+    return time.time() - t0
+
+
+def _split_csv(manifest: str, parts: dict) -> dict:
+    rows = list(csv.DictReader(open(manifest, newline="")))
+    out, i = {}, 0
+    for name, n in parts.items():
+        path = os.path.join(os.path.dirname(manifest), f"{name}.csv")
+        with open(path + ".tmp", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows[i:i + n])
+        os.replace(path + ".tmp", path)
+        out[name], i = path, i + n
+    return out
+
+
+def score(pred_dir: str, test_manifest: str, postfix: str = "_instances") -> dict:
+    """mAP, AP/F1 at IoU 0.5 (dataset-level) and mean AJI of ``pred_dir``'s labels against a manifest's masks."""
+    from common.io import SaveOmeTiff, read_image
+    from common.metrics import aggregated_jaccard_index, dataset_average_precision
+    from common.transforms import as_instance_labels
+
+    base = os.path.dirname(os.path.abspath(test_manifest))
+    gts, preds = [], []
+    for row in csv.DictReader(open(test_manifest, newline="")):
+        stem = SaveOmeTiff.stem(row["path_signal"])
+        gts.append(as_instance_labels(read_image(os.path.join(base, row["path_label"]), spatial_dims=2)[0]))
+        preds.append(read_image(os.path.join(pred_dir, f"{stem}{postfix}.ome.tif"), spatial_dims=2)[0][0]
+                     .astype(np.int64))
+    r = dataset_average_precision(gts, preds)
+    return {
+        "mAP": r["mAP"],
+        "AP50": float(r["ap"][0]),
+        "AP75": float(r["ap"][5]),
+        "F1_50": float(r["f1"][0]),
+        "AJI": float(np.mean([aggregated_jaccard_index(g, p) for g, p in zip(gts, preds)])),
+        "ap_per_threshold": r["ap"].tolist(),
+        "n_true": int(sum(np.unique(g[g > 0]).size for g in gts)),
+        "n_pred": int(sum(np.unique(p[p > 0]).size for p in preds)),
+    }
+
+
+def _figure(results: list, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.report import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, name in zip(axes, ("mAP", "AP50"), ("mAP (IoU 0.50:0.95)", "AP at IoU 0.5")):
+        for arm, style in (("scratch", "o--"), ("isl", "s-")):
+            rs = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["n_train"])
+            ax.plot([r["n_train"] for r in rs], [r[key] for r in rs], style,
+                    label="from scratch" if arm == "scratch" else "ISL-pretrained")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["n_train"] for r in results}))
+        ax.set_xticklabels([str(n) for n in sorted({r["n_train"] for r in results})])
+        ax.set_xlabel("training images N")
+        ax.set_ylabel(name)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def _write_text(path: str, text: str) -> str:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsample: int = 2,
+         iterations: int = 120, pretrain_iterations: int = 150, batch_size: int = 4, patch: int = 128,
+         learning_rate: float = 0.003, n_synthetic: int = 12, threads: int = 1, docs_dir: str | None = None,
+         seed: int = 0) -> dict:
+    """Run the benchmark described in the module docstring; returns the results dictionary."""
+    import torch
+
+    torch.set_num_threads(int(threads))
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from prepare_bbbc030 import prepare
+
+    from common.report import markdown_table, write_json
+    from common.synthetic import write_dataset_2d_dic
+
+    out_dir = os.path.abspath(out_dir)
+    logs = os.path.join(out_dir, "logs")
+    shots = [int(s) for s in (shots.split(",") if isinstance(shots, str) else
+                              (shots if isinstance(shots, (list, tuple)) else [shots]))]
+    t_start = time.time()
+    timings = {}
+
+    def step(msg):
+        print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
+
+    step(f"preparing BBBC030 (downsample {downsample}) and {n_synthetic} + 2 synthetic stage-0 images")
+    t0 = time.time()
+    data = prepare(os.path.join(out_dir, "bbbc030"), downsample=downsample, subsets=shots, seed=seed)
+    syn_manifest = write_dataset_2d_dic(os.path.join(out_dir, "synthetic"), n_images=n_synthetic + 2,
+                                        shape=(256, 256), seed=1000 + seed, pixel_size_um=0.8, n_cells=20)
+    syn = _split_csv(syn_manifest, {"pretrain_train": n_synthetic, "pretrain_val": 2})
+    timings["data_s"] = time.time() - t0
+
+    per_epoch = max(iterations // 3, 1)
+    common_ov = dict(CPU_NETWORK, patch_size=[patch, patch], batch_size=batch_size, learning_rate=learning_rate,
+                     num_workers=0, resume=False)
+    run_root = os.path.join(out_dir, "runs")
+
+    step(f"stage 0: ISL pretraining on synthetic DIC -> membrane, {pretrain_iterations} iterations")
+    pre_epoch = max(pretrain_iterations // 3, 1)
+    stage0_dir = os.path.join(run_root, "stage0")
+    timings["stage0_s"] = _bundle_run(
+        ["train.json", "pretrain.json"],
+        dict(common_ov, train_manifest=syn["pretrain_train"], val_manifest=syn["pretrain_val"],
+             ckpt_dir=os.path.join(stage0_dir, "models"), output_dir=os.path.join(stage0_dir, "runs"),
+             epoch_length=pre_epoch, num_epochs=3, val_interval=3),
+        os.path.join(logs, "stage0.log"), threads)
+    stage0_ckpt = os.path.join(stage0_dir, "models", "model.pt")
+    stage0_log = open(os.path.join(logs, "stage0.log")).read()
+    pearson = [float(line.split("val_pearson: ")[1].split()[0]) for line in stage0_log.splitlines()
+               if "Metrics --" in line and "val_pearson: " in line]
+
+    results = []
+    for n in shots:
+        for arm in ("scratch", "isl"):
+            name = f"{arm}_n{n}"
+            step(f"stage 1 {name}: {per_epoch * 3} iterations of {batch_size} patches of {patch}^2")
+            rdir = os.path.join(run_root, name)
+            ov = dict(common_ov, train_manifest=data[f"train_n{n}"], val_manifest=data["val"],
+                      ckpt_dir=os.path.join(rdir, "models"), output_dir=os.path.join(rdir, "runs"),
+                      epoch_length=per_epoch, num_epochs=3, val_interval=3)
+            if arm == "isl":
+                ov["stage0_ckpt"] = stage0_ckpt
+            t_train = _bundle_run(["train.json"], ov, os.path.join(logs, f"{name}_train.log"), threads)
+            step(f"inference {name} on {data['test_images']}")
+            pred_dir = os.path.join(rdir, "test_pred")
+            t_inf = _bundle_run(["inference.json"],
+                                dict(CPU_NETWORK, dataset_dir=data["test_images"], output_dir=pred_dir,
+                                     ckpt_path=os.path.join(rdir, "models", "model.pt"), patch_size=[256, 256]),
+                                os.path.join(logs, f"{name}_inference.log"), threads)
+            s = score(pred_dir, data["test"])
+            s.update(arm=arm, n_train=n, train_s=round(t_train, 1), inference_s=round(t_inf, 1))
+            results.append(s)
+            step(f"{name}: mAP {s['mAP']:.3f}  AP50 {s['AP50']:.3f}  F1@0.5 {s['F1_50']:.3f}  AJI {s['AJI']:.3f}")
+
+    timings["total_s"] = time.time() - t_start
+    setup = {
+        "downsample": downsample, "iterations": per_epoch * 3, "pretrain_iterations": pre_epoch * 3,
+        "batch_size": batch_size, "patch": patch, "learning_rate": learning_rate, "threads": threads,
+        "network": CPU_NETWORK, "n_synthetic": n_synthetic, "shots": shots, "seed": seed,
+        "stage0_val_pearson": pearson[-1] if pearson else None,
+        "command": "python scripts/benchmark_isl_cell.py " + " ".join(sys.argv[1:]),
+    }
+    out = {"setup": setup, "timings_s": timings, "results": results}
+    write_json(os.path.join(out_dir, "results.json"), out)
+    rows = [{"training images N": r["n_train"], "initialisation": "ISL-pretrained" if r["arm"] == "isl" else "from scratch",
+             "mAP": r["mAP"], "AP@0.5": r["AP50"], "AP@0.75": r["AP75"], "F1@0.5": r["F1_50"], "AJI": r["AJI"],
+             "predicted / true cells": f"{r['n_pred']} / {r['n_true']}", "train s": r["train_s"]} for r in results]
+    table = markdown_table(rows)
+    _write_text(os.path.join(out_dir, "results.md"), table)
+    title = (f"BBBC030 test set (20 images, {downsample}x downsampled); {per_epoch * 3} iterations x {batch_size} "
+             f"patches of {patch}^2 per model")
+    fig = _figure(results, os.path.join(out_dir, "ap_vs_shots.png"), title)
+    if docs_dir:
+        import shutil
+
+        os.makedirs(docs_dir, exist_ok=True)
+        shutil.copyfile(fig, os.path.join(docs_dir, "ap_vs_shots.png"))
+        _write_text(os.path.join(docs_dir, "benchmark_results.md"), table)
+        write_json(os.path.join(docs_dir, "benchmark_results.json"), out)
+    step(f"done in {timings['total_s'] / 60:.1f} min; results in {out_dir}")
+    print(table)
+    return out
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
