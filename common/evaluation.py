@@ -140,7 +140,8 @@ def pixel_metrics(pred, target, target_range: Sequence[float], spacing=(1.0, 1.0
         foreground voxels; SSIM is the local SSIM map averaged over the foreground; MicroMS3IM
         and FSC, which need whole images, are computed on copies of both stacks whose background
         voxels are set to ``lo`` (so only foreground structure differs; the shared flat background
-        inflates these two values, so compare them between models, not with the whole-image ones).
+        inflates these two values, so compare them between models, not with the whole-image ones);
+        MicroMS3IM over the z-slices that contain foreground.
     """
     lo, hi = (float(v) for v in target_range)
     target = np.asarray(target, dtype=np.float64)
@@ -162,7 +163,8 @@ def pixel_metrics(pred, target, target_range: Sequence[float], spacing=(1.0, 1.0
     out["fsc_res_um_fg"] = frc_resolution(*fourier_ring_correlation(pm, tm, spacing))
     if microssim:
         out["ms3im"] = microssim_3d(p, target, **_MS_SSIM_SMALL)
-        out["ms3im_fg"] = microssim_3d(pm, tm, **_MS_SSIM_SMALL)
+        zs = np.flatnonzero(fg.any(axis=(1, 2)))  # a slice without foreground is constant here: no SSIM
+        out["ms3im_fg"] = microssim_3d(pm[zs], tm[zs], **_MS_SSIM_SMALL) if zs.size else float("nan")
     return out
 
 

@@ -30,32 +30,42 @@ from torch import nn
 __all__ = ["soft_threshold", "masked_mse", "soft_dice_loss", "SpotlightLoss"]
 
 
-def soft_threshold(x: torch.Tensor, k: float = -0.95, clamp: bool = True) -> torch.Tensor:
+_CLAMPS = {"min": (0.0, None), "both": (0.0, 1.0), "none": (None, None), True: (0.0, 1.0), False: (None, None)}
+
+
+def soft_threshold(x: torch.Tensor, k: float = -0.95, clamp: str | bool = "min") -> torch.Tensor:
     """Normalised tunable sigmoid ``sigma_k(x) = (x - k x) / (k - 2 k |x| + 1)`` (Emery 2022).
 
     For ``k`` in ``(-1, 0)`` the denominator ``1 + k (1 - 2|x|)`` is at least ``1 + k > 0``, so the
-    function is finite and smooth except at 0. Known points: ``sigma(0) = 0``, ``sigma(+-1) = +-1``,
-    odd symmetry; with ``k = -0.95``, ``sigma(0.5) = 0.975``: a sharp soft step at 0, which after
-    Otsu standardisation (:class:`common.transforms.OtsuStandardize`) is the foreground threshold.
-    For ``|x| > 1`` the raw value exceeds 1 slightly and tends to ``(1 - k) / (-2 k)`` (1.026 for
-    ``k = -0.95``) as ``|x|`` grows.
+    function is finite, odd and increasing. Known points: ``sigma(0) = 0``, ``sigma(+-1) = +-1``;
+    with ``k = -0.95``, ``sigma(0.5) = 0.975`` and ``sigma'(0) = (1 - k) / (1 + k) = 39``: a sharp
+    soft step at 0, which after Otsu standardisation (:class:`common.transforms.OtsuStandardize`)
+    is the foreground threshold. For ``|x| > 1`` the value exceeds 1 in magnitude slightly and
+    tends to ``(1 - k) / (-2 k)`` (1.026 for ``k = -0.95``); the slope there,
+    ``(1 - k)(1 + k) / (1 + k - 2 k |x|)^2``, is small (0.026 at ``|x| = 1``) but not zero.
 
     Args:
         x: any shape.
         k: sharpness in ``(-1, 0)``; closer to -1 is sharper. The paper uses -0.95.
-        clamp: clamp to ``[0, 1]`` (default, the zoo's choice, as VisCy's ``SpotlightLoss``):
-            background (``x < 0``) maps to exactly 0 instead of down to -1, so the soft Dice sums
-            stay non-negative and a very negative background cannot lower the Dice denominator;
-            ``x > 1`` saturates at 1 (certainly foreground, no gradient). ``False`` returns the
-            raw value in ``(-(1-k)/(-2k), (1-k)/(-2k))``.
+        clamp: ``"min"`` (default, the zoo's choice): ``max(sigma, 0)``. A lower clamp is needed
+            because negative values (background, ``x < 0``) would enter the Dice denominator
+            ``sum S + sum M`` with a minus sign and can drive it through zero (a pole). No upper
+            clamp: with ``"both"`` (``[0, 1]``, VisCy's ``SpotlightLoss``) a background voxel
+            predicted above 1 gets exactly zero gradient from the Dice term and none from the
+            masked MSE, so nothing ever pulls it down (measured: a short training run then predicts
+            everything as foreground, see ``bundles/spotlight_dna/docs/README.md``). ``"none"``
+            (or ``False``): the raw formula as written in the paper. ``True`` means ``"both"``.
 
     Returns:
         tensor of the shape of ``x``.
     """
     if not -1.0 < k < 0.0:
         raise ValueError(f"k must be in (-1, 0), got {k}")
+    if clamp not in _CLAMPS:
+        raise ValueError(f"clamp must be 'min', 'both' or 'none', got {clamp!r}")
     raw = (x - k * x) / (k - 2.0 * k * x.abs() + 1.0)
-    return raw.clamp(0.0, 1.0) if clamp else raw
+    lo, hi = _CLAMPS[clamp]
+    return raw if lo is None and hi is None else raw.clamp(lo, hi)
 
 
 def _spatial(t: torch.Tensor) -> tuple:
@@ -92,12 +102,12 @@ def soft_dice_loss(soft: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) ->
     """Soft Dice loss per sample and channel: ``1 - 2 sum(S M) / (sum S + sum M + eps)``.
 
     Args:
-        soft: ``(B, C, ...)`` soft foreground in ``[0, 1]`` (e.g. :func:`soft_threshold` of a prediction).
+        soft: ``(B, C, ...)`` soft foreground, >= 0 (e.g. :func:`soft_threshold` of a prediction).
         mask: ``(B, C, ...)`` binary foreground.
         eps: keeps the ratio finite when both sums are 0 (the loss is then 1).
 
     Returns:
-        ``(B, C)`` tensor in ``[0, 1]`` for inputs in ``[0, 1]``.
+        ``(B, C)`` tensor, in ``[0, 1]`` for inputs in ``[0, 1]``.
     """
     dims = _spatial(soft)
     if soft.shape != mask.shape:
@@ -128,11 +138,11 @@ class SpotlightLoss(nn.Module):
         lambda_mse: weight of the MMSE term, ``[0, 1]`` (paper 0.5).
         k: sharpness of :func:`soft_threshold`, ``(-1, 0)`` (paper -0.95).
         eps: Dice denominator epsilon.
-        clamp: clamp ``sigma_k`` to ``[0, 1]`` (see :func:`soft_threshold`).
+        clamp: ``"min"`` (default), ``"both"`` (VisCy) or ``"none"`` (see :func:`soft_threshold`).
         fg_threshold: threshold for labels that carry no mask channel.
     """
 
-    def __init__(self, lambda_mse: float = 0.5, k: float = -0.95, eps: float = 1e-6, clamp: bool = True,
+    def __init__(self, lambda_mse: float = 0.5, k: float = -0.95, eps: float = 1e-6, clamp: str | bool = "min",
                  fg_threshold: float = 0.0):
         super().__init__()
         if not 0.0 <= lambda_mse <= 1.0:
@@ -144,7 +154,9 @@ class SpotlightLoss(nn.Module):
         self.lambda_mse = float(lambda_mse)
         self.k = float(k)
         self.eps = float(eps)
-        self.clamp = bool(clamp)
+        if clamp not in _CLAMPS:
+            raise ValueError(f"clamp must be 'min', 'both' or 'none', got {clamp!r}")
+        self.clamp = clamp
         self.fg_threshold = float(fg_threshold)
 
     def split_label(self, pred: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,8 +154,12 @@ def _write_text(path: str, text: str) -> str:
 def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsample: int = 2,
          iterations: int = 120, pretrain_iterations: int = 150, batch_size: int = 4, patch: int = 128,
          learning_rate: float = 0.003, n_synthetic: int = 12, threads: int = 1, docs_dir: str | None = None,
-         seed: int = 0) -> dict:
-    """Run the benchmark described in the module docstring; returns the results dictionary."""
+         seed: int = 0, inference_roi=(544, 704)) -> None:
+    """Run the benchmark described in the module docstring (results in ``out_dir``).
+
+    ``inference_roi`` is the sliding-window size of the test inference; the default holds a whole 2x
+    downsampled BBBC030 image (516 x 688) in one window.
+    """
     import torch
 
     torch.set_num_threads(int(threads))
@@ -218,7 +222,8 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
             pred_dir = os.path.join(rdir, "test_pred")
             t_inf = _bundle_run(["inference.json"],
                                 dict(CPU_NETWORK, dataset_dir=data["test_images"], output_dir=pred_dir,
-                                     ckpt_path=os.path.join(rdir, "models", "model.pt"), patch_size=[256, 256]),
+                                     ckpt_path=os.path.join(rdir, "models", "model.pt"),
+                                     patch_size=[int(v) for v in inference_roi]),
                                 os.path.join(logs, f"{name}_inference.log"), threads)
             s = score(pred_dir, data["test"])
             s.update(arm=arm, n_train=n, train_s=round(t_train, 1), inference_s=round(t_inf, 1))
@@ -230,6 +235,7 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
         "downsample": downsample, "iterations": per_epoch * 3, "pretrain_iterations": pre_epoch * 3,
         "batch_size": batch_size, "patch": patch, "learning_rate": learning_rate, "threads": threads,
         "network": CPU_NETWORK, "n_synthetic": n_synthetic, "shots": shots, "seed": seed,
+        "inference_roi": [int(v) for v in inference_roi],
         "stage0_val_pearson": pearson[-1] if pearson else None,
         "command": "python scripts/benchmark_isl_cell.py " + " ".join(sys.argv[1:]),
     }
@@ -252,7 +258,6 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
         write_json(os.path.join(docs_dir, "benchmark_results.json"), out)
     step(f"done in {timings['total_s'] / 60:.1f} min; results in {out_dir}")
     print(table)
-    return out
 
 
 if __name__ == "__main__":

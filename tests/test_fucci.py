@@ -4,8 +4,6 @@ score, FUCCI phase rules. Values by hand or against an independent implementatio
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -394,8 +392,11 @@ def test_load_fucci_manifest_names_bad_labels_and_channels(tmp_path):
     assert "nope.tif: file not found" in msg and "input_channels=[5] needs 6" in msg
 
 
-def _run_script(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+def _prepare_gt_module():
+    spec = importlib.util.spec_from_file_location("fucci_prepare_gt", os.path.join(ROOT, "scripts", "fucci_prepare_gt.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_prepare_gt_from_masks_round_trip(tmp_path):
@@ -405,14 +406,13 @@ def test_prepare_gt_from_masks_round_trip(tmp_path):
     write_ome_tiff(tmp_path / "m" / "s1_instances.ome.tif", inst, "ZYX", (5.0, 0.5, 0.5))
     write_ome_tiff(tmp_path / "i" / "s1.ome.tif", np.random.default_rng(0).random(inst.shape).astype(np.float32),
                    "ZYX", (5.0, 0.5, 0.5))
-    p = _run_script(["scripts/fucci_prepare_gt.py", "from_masks", "--masks", str(tmp_path / "m"), "--images",
-                     str(tmp_path / "i"), "--out_dir", str(tmp_path / "gt"), "--min_area", "0", "--smooth_sigma", "0"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    man = _prepare_gt_module().from_masks(str(tmp_path / "m"), str(tmp_path / "gt"), images=str(tmp_path / "i"),
+                                          min_area=0, smooth_sigma=0)
     sem, sp, known = read_image(tmp_path / "gt" / "s1_semantic.ome.tif")
     np.testing.assert_array_equal(sem[0], F.semantic_from_instances(inst))
     assert known and np.allclose(sp, (5.0, 0.5, 0.5))
-    recs = F.load_fucci_manifest(tmp_path / "gt" / "manifest.csv")
-    assert recs[0]["instances"].endswith("s1_instances.ome.tif")
+    recs = F.load_fucci_manifest(man)
+    assert recs[0]["instances"].endswith("s1_instances.ome.tif") and recs[0]["image"].endswith("s1.ome.tif")
 
 
 def test_prepare_gt_from_cellpose_wiring(tmp_path, monkeypatch):
@@ -420,9 +420,7 @@ def test_prepare_gt_from_cellpose_wiring(tmp_path, monkeypatch):
     import common.segmentation
     from common.io import read_image, write_ome_tiff
 
-    spec = importlib.util.spec_from_file_location("fucci_prepare_gt", os.path.join(ROOT, "scripts", "fucci_prepare_gt.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _prepare_gt_module()
     inst = _toy_instances()
     img = np.stack([np.zeros(inst.shape), np.zeros(inst.shape), inst * 100.0]).astype(np.float32)
     write_ome_tiff(tmp_path / "stacks" / "a.ome.tif", img, "CZYX", (5.0, 0.5, 0.5))

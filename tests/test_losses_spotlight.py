@@ -38,12 +38,35 @@ def test_soft_threshold_known_points():
     assert raw[5] > 1  # |x| > 1 exceeds 1 slightly ...
     big = soft_threshold(t([1e6, -1e6]), k, clamp=False).numpy()
     np.testing.assert_allclose(big, [1.95 / 1.9, -1.95 / 1.9], rtol=1e-5)  # ... bounded by (1-k)/(-2k)
-    # the zoo's default clamps to [0, 1]: background exactly 0, |x|>1 saturates at 1
-    np.testing.assert_allclose(soft_threshold(x, k).numpy(), [0.0, 1.0, 0.0, 0.975, 0.0, 1.0], rtol=1e-12)
+    # the zoo's default clamps below only: background exactly 0, x > 1 keeps its raw value (> 1)
+    np.testing.assert_allclose(soft_threshold(x, k).numpy(), [0.0, 1.0, 0.0, 0.975, 0.0, expect[5]], rtol=1e-12)
+    # VisCy's [0, 1] clamp saturates at 1
+    np.testing.assert_allclose(soft_threshold(x, k, "both").numpy(), [0.0, 1.0, 0.0, 0.975, 0.0, 1.0], rtol=1e-12)
+    assert torch.equal(soft_threshold(x, k, True), soft_threshold(x, k, "both"))
+    assert torch.equal(soft_threshold(x, k, "none"), raw)
     # another k by the formula
     np.testing.assert_allclose(soft_threshold(t([0.25]), -0.5, clamp=False).numpy(), [0.375 / 0.75])
     with pytest.raises(ValueError, match="k must be"):
         soft_threshold(x, k=0.5)
+    with pytest.raises(ValueError, match="clamp"):
+        soft_threshold(x, clamp="max")
+
+
+def test_upper_clamp_blinds_dice_to_overpredicted_background_lower_clamp_is_needed():
+    """Why the zoo clamps sigma_k below only: measured gradients and a pole of the raw formula."""
+    target = t([[[1.0, 1.0, -1.0, -1.0]]])
+    pred = t([[[1.2, 0.8, 1.5, -0.5]]]).requires_grad_(True)  # voxel 2: background predicted at 1.5
+    for clamp, zero in (("both", True), ("min", False)):
+        pred.grad = None
+        SpotlightLoss(lambda_mse=0.0, clamp=clamp)(pred, target).backward()
+        g = float(pred.grad[0, 0, 2])
+        assert (g == 0.0) if zero else (g > 0.0)  # > 0: gradient descent lowers the over-prediction
+    # without any clamp, negative background enters the Dice denominator: mostly-background patches
+    # push sum(S) + sum(M) through zero and the "Dice loss" leaves [0, 1]
+    soft = soft_threshold(t([[[2.0] + [-3.0] * 9]]), clamp="none")
+    mask = t([[[1.0] + [0.0] * 9]])
+    assert float(soft_dice_loss(soft, mask)) > 1.0  # 1 - 2(1.013) / (1.013 - 9(1.017) + 1) = 1.28
+    assert 0.0 <= float(soft_dice_loss(soft_threshold(t([[[2.0] + [-3.0] * 9]])), mask)) <= 1.0
 
 
 # ------------------------------------------------------------------ MMSE / Dice / Spotlight by hand
@@ -71,7 +94,7 @@ def _by_hand_case():
     target = t([[[[1.0, 1.0], [-1.0, -2.0]]]])
     mask = (target >= 0).double()  # [[1, 1], [0, 0]]
     mmse = ((0.5 - 1) ** 2 + (2 - 1) ** 2) / 2  # 0.625
-    s = [0.975, 1.0, 0.0, 0.0]  # clamped sigma_k of the prediction
+    s = [0.975, 3.9 / 3.85, 0.0, 0.0]  # sigma_k of the prediction, clamped below at 0
     dice = 1 - 2 * (s[0] + s[1]) / (sum(s) + 2 + 1e-6)
     return pred, target, mask, mmse, dice
 
@@ -88,11 +111,11 @@ def test_spotlight_loss_by_hand_both_label_layouts(lam):
         loss(pred, torch.cat([target, mask, mask], 1))
 
 
-def test_spotlight_unclamped_sigma_by_hand():
+@pytest.mark.parametrize("clamp,s", [("none", [0.975, 3.9 / 3.85, -1.0, 0.0]), ("both", [0.975, 1.0, 0.0, 0.0])])
+def test_spotlight_other_clamps_by_hand(clamp, s):
     pred, target, mask, mmse, _ = _by_hand_case()
-    s = [0.975, 3.9 / 3.85, -1.0, 0.0]  # raw sigma_k: negative background lowers the Dice denominator
     dice = 1 - 2 * (s[0] + s[1]) / (sum(s) + 2 + 1e-6)
-    got = float(SpotlightLoss(clamp=False)(pred, torch.cat([target, mask], 1)))
+    got = float(SpotlightLoss(clamp=clamp)(pred, torch.cat([target, mask], 1)))
     assert got == pytest.approx(0.5 * mmse + 0.5 * dice, rel=1e-12)
 
 
@@ -105,7 +128,7 @@ def test_spotlight_empty_masks_are_finite_and_defined():
     # no foreground anywhere: Dice term 0, MMSE falls back to plain MSE
     val = loss(pred, torch.cat([target, empty], 1))
     assert torch.isfinite(val)
-    assert float(val) == pytest.approx(0.5 * float(((pred - target) ** 2).mean()), rel=1e-6)
+    assert float(val.detach()) == pytest.approx(0.5 * float(((pred - target) ** 2).mean()), rel=1e-6)
     val.backward()
     assert torch.isfinite(pred.grad).all()
     # one sample empty, one not: Dice averages over the sample with foreground only
@@ -113,7 +136,7 @@ def test_spotlight_empty_masks_are_finite_and_defined():
     lab = torch.cat([target, mask], 1)
     mm = masked_mse(pred, target, mask).mean()
     d1 = soft_dice_loss(soft_threshold(pred[1:]), mask[1:])[0, 0]
-    assert float(loss(pred, lab)) == pytest.approx(float(0.5 * mm + 0.5 * d1), rel=1e-6)
+    assert float(loss(pred, lab).detach()) == pytest.approx(float((0.5 * mm + 0.5 * d1).detach()), rel=1e-6)
 
 
 def _viscy_spotlight():
@@ -142,7 +165,7 @@ def test_equals_viscy_spotlight_loss(lam, k):
     pred = torch.randn(3, 1, 6, 12, 12, generator=g, dtype=torch.float64)
     target = torch.randn(3, 1, 6, 12, 12, generator=g, dtype=torch.float64)
     mask = (target >= 0).double()  # every sample has foreground and background: the definitions agree
-    ours = SpotlightLoss(lambda_mse=lam, k=k)
+    ours = SpotlightLoss(lambda_mse=lam, k=k, clamp="both")  # VisCy clamps sigma_k to [0, 1]
     theirs = Viscy(lambda_mse=lam, sigmoid_k=k, eps=1e-6)
     a = ours(pred, torch.cat([target, mask], 1))
     np.testing.assert_allclose(float(a), float(theirs(pred, target, fg_mask=mask)), rtol=1e-6)

@@ -52,7 +52,7 @@ def test_config_has_paper_defaults_and_patches_carry_target_and_mask(data):
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLES, B, "configs", "train.json"))
     loss = parser.get_parsed_content("loss")
-    assert isinstance(loss, SpotlightLoss) and (loss.lambda_mse, loss.k, loss.clamp) == (0.5, -0.95, True)
+    assert isinstance(loss, SpotlightLoss) and (loss.lambda_mse, loss.k, loss.clamp) == (0.5, -0.95, "min")
     assert parser["min_fg_fraction"] == 0.001 and parser["fg_threshold"] == 0.0
     for k, v in dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"]).items():
         parser[k] = v

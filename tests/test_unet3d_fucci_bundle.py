@@ -66,36 +66,38 @@ def test_train_writes_plain_state_dict_and_metrics(trained):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "runs"))
 
 
-def test_inference_thin_anisotropic_stack_is_padded_not_rejected(trained, tmp_path):
-    out, ov, _ = trained
+@pytest.fixture(scope="module")
+def predicted(trained, data, tmp_path_factory):
+    """One inference run (connected-component instances) on a thin odd-sized stack and a spheroid."""
+    out, _, _ = trained
+    d = tmp_path_factory.mktemp("fucci_pred")
     # 3 slices (thinner than the 8-slice patch), odd lateral size, 3 channels, 5 um z-steps
     vol = np.random.default_rng(0).random((3, 3, 37, 45)).astype(np.float32) * 200
-    write_ome_tiff(tmp_path / "in" / "thin.ome.tif", vol, "CZYX", (5.0, 0.5, 0.5))
-    run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
-                                         ckpt_path=str(out / "models" / "model.pt"), input_channels=[2]))
-    assert sorted(os.listdir(tmp_path / "pred")) == ["thin_instances.ome.tif", "thin_semantic.ome.tif"]
-    sem, sp, known = read_image(tmp_path / "pred" / "thin_semantic.ome.tif")
-    inst, _, _ = read_image(tmp_path / "pred" / "thin_instances.ome.tif")
+    write_ome_tiff(d / "in" / "thin.ome.tif", vol, "CZYX", (5.0, 0.5, 0.5))
+    shutil.copy(data["image"], d / "in" / "spheroid.ome.tif")
+    run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(d / "in"), output_dir=str(d / "pred"),
+                                         ckpt_path=str(out / "models" / "model.pt"), input_channels=[2],
+                                         instance_method="connected_components"))
+    return d / "pred"
+
+
+def test_inference_thin_anisotropic_stack_is_padded_not_rejected(predicted):
+    assert sorted(os.listdir(predicted)) == ["spheroid_instances.ome.tif", "spheroid_semantic.ome.tif",
+                                             "thin_instances.ome.tif", "thin_semantic.ome.tif"]
+    sem, sp, known = read_image(predicted / "thin_semantic.ome.tif")
+    inst, _, _ = read_image(predicted / "thin_instances.ome.tif")
     assert sem.shape == (1, 3, 37, 45) and inst.shape == (1, 3, 37, 45)
     assert known and np.allclose(sp, (5.0, 0.5, 0.5))
     assert set(np.unique(sem)) <= {0, 1, 2}
     assert np.all(sem[inst > 0] == F.NUCLEUS)  # instances only where the nucleus class is
 
 
-def test_inference_watershed_and_components_agree_with_the_functions(trained, data, tmp_path):
+def test_inference_instances_are_the_components_of_its_semantic_map(predicted, data):
     """The bundle's post-processing writes what common.fucci computes from its own semantic map."""
-    out, ov, _ = trained
-    res = {}
-    for method in ("connected_components", "watershed"):
-        pdir = tmp_path / method
-        run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=data["image"], output_dir=str(pdir),
-                                             ckpt_path=str(out / "models" / "model.pt"), input_channels=[2],
-                                             instance_method=method))
-        stem = os.path.basename(data["image"]).replace(".ome.tif", "")
-        res[method] = [read_image(pdir / f"{stem}_{k}.ome.tif")[0][0] for k in ("semantic", "instances")]
-    sem_cc, inst_cc = res["connected_components"]
-    np.testing.assert_array_equal(res["watershed"][0], sem_cc)  # same network, same semantic map
-    np.testing.assert_array_equal(inst_cc, F.instances_connected_components(sem_cc.astype(np.int64)))
+    sem = read_image(predicted / "spheroid_semantic.ome.tif")[0][0].astype(np.int64)
+    inst = read_image(predicted / "spheroid_instances.ome.tif")[0][0]
+    assert sem.shape == read_image(data["image"])[0].shape[1:]
+    np.testing.assert_array_equal(inst, F.instances_connected_components(sem))
 
 
 def test_evaluate_config_reports_dice(trained, tmp_path):
@@ -129,12 +131,20 @@ def test_bad_input_named_before_training(data, tmp_path):
     assert "ManifestError" in p.output and "an instance map?" in p.output and "nope.ome.tif: file not found" in p.output
     assert "line 2" in p.output and "line 3" in p.output
     assert "Epoch:" not in p.output and not os.path.exists(tmp_path / "models" / "model.pt")
-    # inference: a 1-channel stack where channel 2 (Hoechst) is asked for
+    # inference: a 1-channel stack where channel 2 (Hoechst) is asked for; the bundle's datalist names it
+    from monai.bundle import ConfigParser
+
+    from common.data import ManifestError
+
     write_ome_tiff(tmp_path / "one" / "one.ome.tif", np.random.default_rng(0).random((4, 16, 16)).astype(np.float32),
                    "ZYX")
-    p = run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "one"), input_channels=[2],
-                                             output_dir=str(tmp_path / "p")), check=False)
-    assert p.returncode != 0 and "one.ome.tif: 1 channel(s), but input_channels=[2] needs 3" in p.output
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLES, B, "configs", "inference.json"))
+    parser.update({"dataset_dir": str(tmp_path / "one"), "input_channels": [2]})
+    with pytest.raises(RuntimeError) as e:
+        parser.get_parsed_content("datalist")
+    assert isinstance(e.value.__cause__, ManifestError)
+    assert "one.ome.tif: 1 channel(s), but input_channels=[2] needs 3" in str(e.value.__cause__)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("monailabel") is None, reason="monailabel not installed")

@@ -1,0 +1,324 @@
+"""Fast paths (common.fastpath) and the benchmark (scripts/benchmark.py): optimised outputs equal
+the reference within float tolerance (fp32 rewrites) or bf16 tolerance; no timing assertions."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from common.fastpath import (FastPathNet, FastSimpleInferer, FastSlidingWindowInferer, fuse_conv_bn,
+                             memory_format_for, prepare_inference_network, set_memory_format, weights_version)
+from common.networks.fnet import FNet
+from zoo_testing import BUNDLES, ROOT, TINY, env
+
+torch.set_num_threads(1)
+BENCH = os.path.join(ROOT, "scripts", "benchmark.py")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("zoo_benchmark", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _randomise_bn(net, seed=0):
+    """BatchNorm statistics and affine parameters far from the identity, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return net
+
+
+def _tiny_fnet(seed=0, kaiming=True):
+    """A 2-level F-net whose output varies (He initialisation), so relative errors mean something."""
+    torch.manual_seed(seed)
+    net = FNet(mult_chan=4, depth=2)
+    if kaiming:
+        for m in net.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.uniform_(m.bias, -0.1, 0.1)
+    return _randomise_bn(net, seed).eval()
+
+
+def _pearson(a, b):
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return np.corrcoef(a, b)[0, 1]
+
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+
+def test_fuse_conv_bn_by_hand():
+    """Folded weights are w * g / sqrt(v + eps) per output channel, bias (b - m) * g / sqrt(v + eps) + beta."""
+    conv = nn.Conv3d(2, 3, 3, padding=1)
+    bn = _randomise_bn(nn.Sequential(nn.BatchNorm3d(3)))[0]
+    seq = nn.Sequential(conv, bn).eval()
+    fused = fuse_conv_bn(seq)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(fused[0].weight, conv.weight * scale[:, None, None, None, None])
+    torch.testing.assert_close(fused[0].bias, (conv.bias - bn.running_mean) * scale + bn.bias)
+    assert isinstance(fused[1], nn.Identity)
+    assert isinstance(seq[1], nn.BatchNorm3d)  # the original is left untouched
+
+
+def test_fuse_conv_transpose_bn_scales_output_channels():
+    """ConvTranspose weights are (in, out, k...): the scale must apply along dim 1, not dim 0."""
+    convt = nn.ConvTranspose3d(4, 3, 2, stride=2)
+    seq = _randomise_bn(nn.Sequential(convt, nn.BatchNorm3d(3))).eval()
+    fused = fuse_conv_bn(seq)
+    assert isinstance(fused[1], nn.Identity)
+    x = torch.randn(2, 4, 3, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), seq(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_fnet_exact_in_fp32():
+    net = _tiny_fnet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = fuse_conv_bn(net)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in fused.modules())
+    n_conv = sum(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in net.modules())
+    assert sum(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in fused.modules()) == n_conv
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        ref, out = net(x), fused(x)
+    assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    for k, v in net.state_dict().items():  # not modified in place
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_fuse_monai_convolution_block_and_keeps_unfoldable_bn():
+    block = Convolution(spatial_dims=2, in_channels=5, out_channels=5, norm="batch", act="relu")  # conv, ADN(N, D, A)
+    pre_act = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 5, 3, padding=1))  # DenseNet's order
+    post_relu = nn.Sequential(nn.Conv2d(5, 5, 1), nn.ReLU(), nn.BatchNorm2d(5))
+    net = _randomise_bn(nn.Sequential(pre_act, block, post_relu)).eval()
+    fused = fuse_conv_bn(net)
+    assert isinstance(fused[1].adn.N, nn.Identity)
+    assert isinstance(fused[0][0], nn.BatchNorm2d) and isinstance(fused[2][2], nn.BatchNorm2d)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_needs_eval_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_conv_bn(FNet(mult_chan=2, depth=1).train())
+
+
+# ----------------------------------------------------------------------------- memory format, wrappers
+
+def test_set_memory_format_keeps_parameter_objects():
+    net = FNet(mult_chan=2, depth=1)
+    params = list(net.parameters())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert set_memory_format(net, False) is net and net.conv_out.weight.is_contiguous()
+    set_memory_format(net, True)
+    assert all(a is b for a, b in zip(params, net.parameters()))
+    assert net.conv_out.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert memory_format_for(4) == torch.channels_last and memory_format_for(3) == torch.contiguous_format
+    net(torch.randn(2, 1, 4, 8, 8)).sum().backward()
+    w0 = net.conv_out.weight.detach().clone()
+    opt.step()  # the optimizer still updates the converted parameters
+    assert not torch.equal(w0, net.conv_out.weight)
+
+
+def test_channels_last_training_step_equals_contiguous():
+    """Memory format changes strides, not the maths: same loss and gradients in fp32; bf16 close."""
+    x, y = torch.randn(2, 1, 16, 32, 32), torch.randn(2, 1, 16, 32, 32)
+    grads, losses = {}, {}
+    for name, bf16, cl in (("ref", False, False), ("cl", False, True), ("bf16", True, True)):
+        net = _tiny_fnet(kaiming=True).train()
+        set_memory_format(net, cl)
+        loss = nn.functional.mse_loss(FastSimpleInferer(bf16_cpu=bf16, channels_last=cl)(x, net), y)
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert losses["cl"] == pytest.approx(losses["ref"], rel=1e-5)
+    torch.testing.assert_close(grads["cl"], grads["ref"], rtol=1e-3, atol=1e-5)
+    assert losses["bf16"] == pytest.approx(losses["ref"], rel=2e-2)
+    assert _pearson(grads["bf16"], grads["ref"]) > 0.99
+
+
+def test_fixed_batch_padding_crops_back():
+    net = _tiny_fnet()
+    x = torch.randn(3, 1, 16, 32, 32)
+    with torch.no_grad():
+        out = FastPathNet(net, fixed_batch=4)(x)
+        ref = net(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+
+
+def test_weights_version_changes_on_in_place_update():
+    net = FNet(mult_chan=2, depth=1)
+    v0 = weights_version(net)
+    assert weights_version(net) == v0
+    with torch.no_grad():
+        net.conv_out.bias.add_(1.0)
+    assert weights_version(net) != v0
+
+
+# ----------------------------------------------------------------------------- inferers
+
+def test_fast_sliding_window_within_bf16_tolerance_and_network_untouched():
+    net = _tiny_fnet()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(1, 1, 20, 50, 40)  # not a multiple of the window: padding and blending exercised
+    kw = {"roi_size": (16, 32, 32), "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
+    with torch.no_grad():
+        ref = SlidingWindowInferer(**kw)(x, net)
+        plain = FastSlidingWindowInferer(**kw)(x, net)  # every switch off: exactly the reference
+        fused = FastSlidingWindowInferer(**kw, fuse_bn=True, channels_last=True)(x, net)
+        fast = FastSlidingWindowInferer(**kw, bf16_cpu=True, channels_last=True, fuse_bn=True)(x, net)
+    assert fast.shape == ref.shape == (1, 1, 20, 50, 40) and fast.dtype == torch.float32
+    torch.testing.assert_close(plain, ref, rtol=0, atol=0)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    rel = ((fast - ref).norm() / (ref - ref.mean()).norm()).item()
+    assert rel < 0.03, rel  # bf16 has an 8-bit mantissa (relative rounding 2**-9 per operation)
+    assert _pearson(fast, ref) > 0.999
+    assert not net.training and net.conv_out.weight.is_contiguous()
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_fast_inferer_follows_weight_updates():
+    """The prepared copy is cached, but never stale: changed weights give the new network's output."""
+    net = _tiny_fnet()
+    inferer = FastSimpleInferer(fuse_bn=True, channels_last=True)
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        a = inferer(x, net)
+        assert inferer(x, net) is not None and inferer._cache[4] is inferer.fast_network(net, x, 1)  # cache hit
+        net.conv_out.bias.add_(2.0)
+        b = inferer(x, net)
+        torch.testing.assert_close(b, net(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b - a, torch.full_like(a, 2.0), rtol=1e-4, atol=1e-4)
+
+
+def test_training_mode_network_gets_autocast_not_fusion():
+    net = _tiny_fnet().train()
+    inferer = FastSimpleInferer(bf16_cpu=True, channels_last=True, fuse_bn=True)
+    out = inferer(torch.randn(2, 1, 16, 32, 32), net)
+    assert out.dtype == torch.float32 and out.requires_grad
+    assert any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    assert inferer._cache is None  # nothing copied for training
+
+
+@pytest.mark.slow
+def test_compiled_inference_equals_eager():
+    net = _tiny_fnet()
+    x = torch.randn(1, 1, 16, 48, 40)
+    kw = {"roi_size": (16, 32, 32), "sw_batch_size": 3, "overlap": 0.25, "mode": "gaussian"}
+    try:
+        prepared = prepare_inference_network(net, fuse_bn=True, compile=True, fixed_batch=3)
+        with torch.no_grad():
+            prepared(torch.randn(3, 1, 16, 32, 32))
+    except Exception as e:  # no C++ compiler for inductor on this machine
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    with torch.no_grad():
+        ref = SlidingWindowInferer(**kw)(x, net)
+        out = FastSlidingWindowInferer(**kw, fuse_bn=True, compile=True)(x, net)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- bundle wiring
+
+def _parse(config, overrides):
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLES, "fnet_baseline", "configs", config))
+    parser.update(dict({"bundle_root": os.path.join(BUNDLES, "fnet_baseline")}, **TINY["fnet_baseline"], **overrides))
+    return parser
+
+
+def test_bundle_switches_default_off_and_wire_through():
+    off = _parse("inference.json", {"device": "$torch.device('cpu')"})
+    assert [off[k] for k in ("bf16_cpu", "channels_last", "fuse_bn", "compile")] == [False] * 4
+    net = off.get_parsed_content("network")
+    _randomise_bn(net).eval()
+    x = torch.randn(1, 1, 20, 40, 36)
+    inf_off = off.get_parsed_content("inferer")
+    assert isinstance(inf_off, SlidingWindowInferer) and inf_off.fast_network(net, x) is net  # plain path
+    on = _parse("inference.json", {"device": "$torch.device('cpu')", "bf16_cpu": True, "channels_last": True,
+                                   "fuse_bn": True})
+    inf_on = on.get_parsed_content("inferer")
+    assert (inf_on.bf16_cpu, inf_on.channels_last, inf_on.fuse_bn, inf_on.compile) == (True, True, True, False)
+    with torch.no_grad():
+        a, b = inf_off(x, net), inf_on(x, net)
+    assert _pearson(a, b) > 0.99
+
+    train = _parse("train.json", {"device": "$torch.device('cpu')", "bf16_cpu": True, "channels_last": True})
+    tnet = train.get_parsed_content("network")
+    assert tnet.conv_out.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    tinf = train.get_parsed_content("train#inferer")
+    assert isinstance(tinf, FastSimpleInferer) and tinf.bf16_cpu and tinf.channels_last
+    vinf = train.get_parsed_content("validate#inferer")
+    assert isinstance(vinf, FastSlidingWindowInferer) and vinf.bf16_cpu and not vinf.fuse_bn
+
+
+# ----------------------------------------------------------------------------- benchmark script
+
+def test_interleave_alternates_and_takes_medians():
+    bench = _bench_module()
+    calls, times = [], iter([0.0, 1.0, 1.0, 3.0, 3.0, 3.5, 3.5, 6.5, 6.5, 7.0, 7.0, 7.5])
+
+    def fn(name):
+        return lambda: calls.append(name)
+
+    import time as _time
+    orig = _time.perf_counter
+    bench.time.perf_counter = lambda: next(times)
+    try:
+        res = bench.interleave({"a": fn("a"), "b": fn("b")}, warmup=1, repeats=3)
+    finally:
+        bench.time.perf_counter = orig
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up, then A B A B A B
+    assert res["a"]["times"] == [1.0, 0.5, 0.5] and res["a"]["median"] == 0.5
+    assert res["b"]["times"] == [2.0, 3.0, 0.5] and res["b"]["median"] == 2.0
+
+
+def test_rss_sampler_sees_an_allocation():
+    bench = _bench_module()
+    with bench.RssSampler(interval=0.005) as s:
+        base = bench._rss_now_mib()
+        a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        a.sum()
+    assert s.peak >= base + 50
+    del a
+
+
+@pytest.mark.slow
+def test_benchmark_quick_prints_table(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, BENCH, "--profile", "quick", "--threads", "1", "--only", "fnet_train,fnet_infer",
+                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = p.stdout
+    assert "| section | path | size | time (s) | Mvox/s | x ref | peak RSS (MiB) | note |" in text
+    assert "load average at start" in text
+    for row in ("| fnet_train | ref | b2 x 16x32x32 |", "| fnet_train | opt | b2 x 16x32x32 |",
+                "| fnet_infer | ref | 1x16x64x64 |", "| fnet_infer | opt | 1x16x64x64 |"):
+        assert row in text, row
+    rows = json.load(open(out))["rows"]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["time_s"] > 0 and r["peak_rss_mib"] > 100
+        vox = 2 * 16 * 32 * 32 if r["section"] == "fnet_train" else 16 * 64 * 64
+        assert r["voxels_per_s"] == pytest.approx(vox / r["time_s"])
+    ref = {r["section"]: r["time_s"] for r in rows if r["path"] == "ref"}
+    for r in rows:
+        assert r["ratio_vs_ref"] == pytest.approx(ref[r["section"]] / r["time_s"])
