@@ -195,14 +195,13 @@ class FastPathNet(nn.Module):
 
 
 def prepare_inference_network(network: nn.Module, fuse_bn: bool = True, channels_last: bool = False,
-                              bf16: bool = False, compile: bool = False, device_type: str = "cpu",
-                              fixed_batch: int | None = None) -> FastPathNet:
+                              bf16: bool = False, compile: bool = False, fixed_batch: int | None = None) -> FastPathNet:
     """An inference-ready copy of ``network`` (which is left untouched).
 
     Steps: unwrap DDP, deep copy, ``eval()``, :func:`fuse_conv_bn` (``fuse_bn``),
     :func:`set_memory_format` (``channels_last``), ``torch.compile`` with frozen weights
     (``compile``), wrapped in :class:`FastPathNet` (autocast when ``bf16``; on CUDA this is AMP with
-    bfloat16 or float16).
+    bfloat16 or float16). ``fixed_batch`` (with ``compile``): see :class:`FastPathNet`.
     """
     base = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
     net = copy.deepcopy(base).eval()
@@ -246,7 +245,7 @@ class _FastPath:
         if self._cache is not None and self._cache[:4] == key:
             return self._cache[4]
         prepared = prepare_inference_network(network, fuse_bn=self.fuse_bn, channels_last=self.channels_last,
-                                             bf16=autocast, compile=self.compile, device_type=dev, fixed_batch=batch)
+                                             bf16=autocast, compile=self.compile, fixed_batch=batch)
         self._cache = (*key, prepared)
         return prepared
 

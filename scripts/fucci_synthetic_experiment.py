@@ -9,7 +9,7 @@ phase per nucleus; dense packing; dimming with depth; 5 um z-steps), ``n_train``
 ``n_test`` held out (different seeds).
 
 Steps: ground truth (:func:`common.fucci.prepare_ground_truth`), training of the bundle on the
-Hoechst channel (``train.json``; weighted CE [1, 3, 2]; a small network and budget for the CPU, no
+three channels (``train.json``; weighted CE [1, 3, 2]; a small network and budget for the CPU, no
 pooling along z), inference on the held-out spheroids (``inference.json``, watershed and
 connected-component instances), phase calls (:func:`common.fucci.nucleus_table` +
 :func:`common.fucci.assign_phases`, one Otsu threshold per reporter over all test spheroids), and
@@ -39,8 +39,20 @@ BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
 
 def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 128, 128),
          n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2, epochs: int = 8,
-         epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 1.0, threads: int = 1, seed: int = 0):
-    """Train, segment, call phases, compare with the truth; prints the table and the report path."""
+         epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 1.0, min_size: int = 30,
+         input_channels=(0, 1, 2), threads: int = 1, seed: int = 0):
+    """Train, segment, call phases, compare with the truth; prints the table and the report path.
+
+    Args:
+        out_dir: everything goes here (data/, models/, runs/, pred_*/, report/).
+        n_train, n_test: spheroids for training / held out.
+        shape, n_nuclei: ``ZYX`` size and nuclei per spheroid (voxel 5 x 0.5 x 0.5 um).
+        features, patch, batch_size, epochs, epoch_length, learning_rate: network and budget
+            (paper: features [64, 128, 256], lr 1e-4; smaller and faster for the CPU).
+        h_um: minimal dynamic of a watershed seed (um).
+        min_size: smallest instance kept (voxels).
+        input_channels: image channels fed to the network (0 Cy3, 1 GFP, 2 Hoechst).
+    """
     import pandas as pd
     import torch
     from monai.bundle import run
@@ -76,11 +88,11 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
             w.writerows([[os.path.relpath(it[k], data) for k in ("image", "semantic", "instances")] for it in part])
     test = items[n_train:]
 
-    print(f"[2/5] training on the Hoechst channel: {epochs} x {epoch_length} iterations, patch {patch}, "
-          f"features {features}, lr {learning_rate}")
     cfg = os.path.join(BUNDLE, "configs")
     net = {"network_def#features": features, "network_def#pool_size": [1, 2, 2], "patch_size": patch,
-           "input_channels": [2]}
+           "input_channels": [int(c) for c in np.atleast_1d(input_channels)]}
+    print(f"[2/5] training on channels {net['input_channels']}: {epochs} x {epoch_length} iterations, patch {patch}, "
+          f"features {features}, lr {learning_rate}")
     run(config_file=os.path.join(cfg, "train.json"), logging_file=os.path.join(cfg, "logging.conf"),
         bundle_root=BUNDLE, train_manifest=os.path.join(data, "train.csv"),
         val_manifest=os.path.join(data, "train.csv"), ckpt_dir=os.path.join(out_dir, "models"),
@@ -94,7 +106,7 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
         run(config_file=os.path.join(cfg, "inference.json"), logging_file=os.path.join(cfg, "logging.conf"),
             bundle_root=BUNDLE, dataset_dir=os.path.join(data, "test.csv"),
             ckpt_path=os.path.join(out_dir, "models", "model.pt"), output_dir=os.path.join(out_dir, f"pred_{method}"),
-            instance_method=method, watershed_h_um=h_um, **net)
+            instance_method=method, watershed_h_um=h_um, min_nucleus_voxels=min_size, **net)
 
     print("[4/5] phase calls (one Otsu threshold per reporter over all test spheroids) vs the truth")
     results, rows, dists = {}, [], {}
@@ -129,6 +141,7 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     results["setup"] = {"n_train": n_train, "n_test": n_test, "shape": list(shape), "n_nuclei": n_nuclei,
                         "features": features, "patch": patch, "batch_size": batch_size, "epochs": epochs,
                         "epoch_length": epoch_length, "learning_rate": learning_rate, "h_um": h_um, "seed": seed,
+                        "min_size": min_size, "input_channels": net["input_channels"],
                         "torch_threads": torch.get_num_threads(), "train_seconds": round(t_train, 1)}
 
     print("[5/5] report")
