@@ -295,6 +295,20 @@ class FastSlidingWindowInferer(SlidingWindowInferer, _FastPath):
 
 
 def peak_rss_mib(children: bool = False) -> float:
-    """Peak resident set size of this process (or of its waited-for children) in MiB."""
+    """Peak resident set size in MiB of this process (or, ``children=True``, of the largest
+    waited-for child).
+
+    On Linux the process's own peak is ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` is
+    inherited through ``fork``/``exec``, so a child started by a big parent would report the
+    parent's peak instead of its own.
+    """
+    if not children:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024.0  # kB
+        except (OSError, ValueError, IndexError):
+            pass
     r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0  # bytes on macOS, KiB on Linux

@@ -59,6 +59,29 @@ from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+def _die_with_the_server():
+    """MONAI Label runs a training job as a child process (``python -m monailabel.interfaces.utils.app -m
+    train``) that would outlive a server stopped with ``kill``; on Linux, ask the kernel to stop it when its
+    parent, the server, goes away."""
+    main_mod = sys.modules.get("__main__")
+    spec = getattr(main_mod, "__spec__", None)
+    if getattr(spec, "name", "") != "monailabel.interfaces.utils.app" or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the server had already gone
+            os.kill(os.getpid(), signal.SIGTERM)
+    except OSError:  # not glibc: the job then runs to its end
+        pass
+
+
+_die_with_the_server()
+
+
 class LabelFreeZooApp(MONAILabelApp):
     """The zoo's bundles as MONAI Label infer (and, for segmentation, train) tasks."""
 

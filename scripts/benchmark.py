@@ -5,6 +5,7 @@
     python scripts/benchmark.py --profile quick         # seconds; what the tests run
     python scripts/benchmark.py --only fnet_train,fnet_infer --threads 2 --out bench.json
     python scripts/benchmark.py quality                 # bf16 vs fp32: validation Pearson r after N steps
+    python scripts/benchmark.py profile --batch 4       # torch.profiler of one training step, ref and opt
 
 The reference ("ref") is the network run the way pytorch_fnet runs it: eager PyTorch, float32,
 contiguous tensors, F-net sliding windows of 32x64x64 with 25 % overlap (pytorch_fnet predicts
@@ -443,24 +444,31 @@ def _sw_note(sw: dict) -> str:
 
 
 def section_fnet_infer(p: dict, device, threads, rows: list, tmp: str, compile_infer: bool,
-                       repeats: int = 1) -> dict:
+                       repeats: int = 1, ablation: bool = False) -> dict:
     """Sliding-window F-net inference on ``sw_volume``: ref vs opt (and opt + compile), each in a child."""
     base = {"net": "fnet", "net_kwargs": p["fnet"], "volume": list(p["sw_volume"]), "threads": threads,
             "device": str(device)}
     specs = {"ref": dict(base, path="ref", **p["sw_ref"]), "opt": dict(base, path="opt", **p["sw_opt"])}
     if compile_infer:
         specs["opt + compile"] = dict(base, path="opt", compile=True, **p["sw_opt"])
+    if ablation:  # which part of the gain comes from precision/layout and which from the windows
+        specs["opt, ref windows"] = dict(base, path="opt", **p["sw_ref"])
+        specs["ref, opt windows"] = dict(base, path="ref", **p["sw_opt"])
     results = {k: [] for k in specs}
+
+    def npy(k):
+        return os.path.join(tmp, "fnet_" + "".join(c if c.isalnum() else "_" for c in k) + ".npy")
+
     for r in range(repeats):
         for k, spec in specs.items():
-            save = os.path.join(tmp, f"fnet_{k.replace(' ', '_').replace('+', '')}.npy") if r == 0 else None
+            save = npy(k) if r == 0 else None
             _log(f"  fnet_infer {k} on 1x{_shape_str(p['sw_volume'])} (child process)")
             try:
                 results[k].append(_child(dict(spec, save=save)))
             except RuntimeError as e:
                 _log(f"    {k} failed: {str(e).splitlines()[0]}")
                 results[k].append({"error": str(e)})
-    ref_out = np.load(os.path.join(tmp, "fnet_ref.npy"))
+    ref_out = np.load(npy("ref"))
     ref_t = statistics.median(x["time_s"] for x in results["ref"])
     out = {}
     for k, res in results.items():
@@ -472,10 +480,12 @@ def section_fnet_infer(p: dict, device, threads, rows: list, tmp: str, compile_i
         t = statistics.median(x["time_s"] for x in ok)
         note = _sw_note(specs[k])
         if k != "ref":
-            pred = np.load(os.path.join(tmp, f"fnet_{k.replace(' ', '_').replace('+', '')}.npy"))
+            pred = np.load(npy(k))
             note += f"; Pearson r with ref output {_pearson(pred, ref_out):.5f}"
         if ok[0].get("compile_s") is not None:
             note += f"; compile {ok[0]['compile_s']:.0f} s (not in time)"
+        if ok[0].get("peak_gpu_mib") is not None:
+            note += f"; peak GPU memory {ok[0]['peak_gpu_mib']:.0f} MiB"
         rows.append(_row("fnet_infer", k, "1x" + _shape_str(p["sw_volume"]), t, ok[0]["voxels"], ref_t / t,
                          max(x["peak_rss_mib"] for x in ok), note))
         out[k] = ok[0]
@@ -483,7 +493,7 @@ def section_fnet_infer(p: dict, device, threads, rows: list, tmp: str, compile_i
     return out
 
 
-def section_scaling(p: dict, device, threads, rows: list, reuse: dict | None) -> None:
+def section_scaling(p: dict, device, threads, rows: list, reuse: dict | None, tmp: str) -> None:
     """Time and peak RSS of the optimised sliding window at four volume sizes, and of the
     whole-volume fp32 forward (pytorch_fnet's way) where it fits."""
     base = {"net": "fnet", "net_kwargs": p["fnet"], "threads": threads, "device": str(device)}
@@ -493,7 +503,7 @@ def section_scaling(p: dict, device, threads, rows: list, reuse: dict | None) ->
         nvox = int(np.prod(vol))
         if nvox <= p["whole_max_voxels"]:
             _log(f"  scaling whole-volume fp32 {size} (child process)")
-            r = _child(dict(base, path="whole", volume=list(vol)))
+            r = _child(dict(base, path="whole", volume=list(vol), save=os.path.join(tmp, f"whole_{size}.npy")))
             whole_pts.append((nvox, r["peak_rss_mib"]))
             whole_t[size] = r["time_s"]
             rows.append(_row("scaling", "whole volume fp32 (pytorch_fnet)", size, r["time_s"], nvox, None,
@@ -509,8 +519,15 @@ def section_scaling(p: dict, device, threads, rows: list, reuse: dict | None) ->
             note = _sw_note(p["sw_opt"]) + "; same run as fnet_infer opt"
         else:
             _log(f"  scaling opt sliding window {size} (child process)")
-            r = _child(dict(base, path="opt", volume=list(vol), **p["sw_opt"]))
+            whole = os.path.join(tmp, f"whole_{size}.npy")
+            r = _child(dict(base, path="opt", volume=list(vol), save=os.path.join(tmp, f"opt_{size}.npy")
+                            if os.path.isfile(whole) else None, **p["sw_opt"]))
             note = _sw_note(p["sw_opt"])
+            if os.path.isfile(whole):
+                note += (f"; Pearson r with the whole-volume output "
+                         f"{_pearson(np.load(os.path.join(tmp, f'opt_{size}.npy')), np.load(whole)):.5f}")
+            if r.get("peak_gpu_mib") is not None:
+                note += f"; peak GPU memory {r['peak_gpu_mib']:.0f} MiB"
         ratio = whole_t[size] / r["time_s"] if size in whole_t else None  # vs pytorch_fnet's whole-volume pass
         rows.append(_row("scaling", "opt sliding window", size, r["time_s"], nvox, ratio, r["peak_rss_mib"], note))
         _log("    " + format_table(rows[-1:]).splitlines()[-1])
@@ -704,8 +721,8 @@ def section_ddp(p: dict, threads, rows: list) -> None:
 
 def run(profile: str = "full", only: str | None = None, skip: str | None = None, threads: int | None = None,
         warmup: int = 1, device: str = "auto", out: str | None = None, compile_infer: bool | None = None,
-        compile_train: bool = False, ablation: bool = False, sw_repeats: int = 1) -> list[dict]:
-    """Run the benchmark and print the table.
+        compile_train: bool = False, ablation: bool = False, sw_repeats: int = 1, sizes: str | None = None) -> None:
+    """Run the benchmark and print the table (``--out``: also write it as JSON).
 
     Args:
         profile: ``full`` (the issue's sizes), ``small`` (about a quarter of the compute) or ``quick`` (tests).
@@ -718,8 +735,11 @@ def run(profile: str = "full", only: str | None = None, skip: str | None = None,
         out: write the rows and the environment as JSON here (atomically).
         compile_infer: add an ``opt + compile`` F-net inference row (default: the profile's choice).
         compile_train: add an ``opt + compile`` training row (its compile time is reported).
-        ablation: add bf16-only and channels-last-only training rows.
+        ablation: add bf16-only and channels-last-only training rows, and F-net inference rows that
+            separate the precision/layout gain from the window-geometry gain.
         sw_repeats: repetitions of each F-net sliding-window inference (children, interleaved).
+        sizes: volume sizes of the scaling section instead of the profile's, e.g. ``64x1024x1024``
+            (ZYX, comma-separated).
     """
     import torch
 
@@ -727,7 +747,11 @@ def run(profile: str = "full", only: str | None = None, skip: str | None = None,
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    p = PROFILES[profile]
+    p = dict(PROFILES[profile])
+    if sizes:
+        p["scaling"] = tuple(tuple(int(v) for v in str(sz).lower().split("x")) for sz in _parse_list(sizes))
+        if any(len(sz) != 3 for sz in p["scaling"]):
+            raise ValueError(f"sizes must be ZxYxX volumes, e.g. 64x1024x1024; got {sizes!r}")
     sections = _parse_list(only) or list(SECTIONS)
     bad = [s for s in sections + _parse_list(skip) if s not in SECTIONS]
     if bad:
@@ -755,9 +779,9 @@ def run(profile: str = "full", only: str | None = None, skip: str | None = None,
             if sec == "fnet_train":
                 section_fnet_train(p, dev, rows, warmup, ablation, compile_train)
             elif sec == "fnet_infer":
-                reuse = section_fnet_infer(p, dev, threads, rows, tmp, compile_infer, sw_repeats)
+                reuse = section_fnet_infer(p, dev, threads, rows, tmp, compile_infer, sw_repeats, ablation)
             elif sec == "scaling":
-                section_scaling(p, dev, threads, rows, reuse)
+                section_scaling(p, dev, threads, rows, reuse, tmp)
             elif sec == "densenet2d":
                 if not _module_exists("common.networks.densenet_unet"):
                     _log("  skipped: common/networks/densenet_unet.py does not exist yet")
@@ -870,6 +894,15 @@ def quality(steps: int = 200, mult_chan: int = 4, depth: int = 2, patch=(16, 32,
                          "train_s": train_s}
         _log(f"  {name}: validation Pearson r {results[name]['val_pearson']:.4f}, "
              f"mean loss of the last 5 steps {results[name]['final_loss']:.4f}, {train_s:.1f} s")
+        if name == "fp32":  # the same network through the optimised inference path (bf16, BN folded, big windows)
+            roi = tuple(min(2 * a, b) for a, b in zip(patch, val_x.shape))
+            fast_inf = FastSlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.125, mode="gaussian",
+                                                bf16_cpu=True, channels_last=True, fuse_bn=True)
+            with torch.no_grad():
+                pred = fast_inf(torch.from_numpy(val_x)[None, None], net)[0, 0].numpy()
+            results["fp32, opt inference"] = dict(results["fp32"], val_pearson=_pearson(pred, val_y))
+            _log(f"  fp32 network, opt inference (bf16, windows {_shape_str(roi)}, overlap 0.125): "
+                 f"validation Pearson r {results['fp32, opt inference']['val_pearson']:.4f}")
     summary = {"steps": steps, "mult_chan": mult_chan, "depth": depth, "patch": list(patch), "batch": batch,
                "lr": lr, "cosine": cosine, "runs": results}
     _log("")
@@ -885,6 +918,49 @@ def quality(steps: int = 200, mult_chan: int = 4, depth: int = 2, patch=(16, 32,
         rel = abs(results["bf16"]["relative_to_fp32"])
         summary.update(relative_difference=rel, within_1_percent=bool(rel <= 0.01))
         _log(f"\nbf16 vs fp32: relative difference {rel:.2%} ({'within' if rel <= 0.01 else 'NOT within'} 1 %)")
+    if out:
+        write_json(out, summary)
+
+
+def profile(profile: str = "full", batch: int = 4, threads: int | None = None, rows: int = 12,
+            out: str | None = None) -> None:
+    """Where the time of one F-net training step goes (``torch.profiler``), reference and optimised.
+
+    Prints the top operators by self CPU time and the share of convolution kernels (forward and
+    backward): the part that bf16 and the memory format can speed up.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from common.report import write_json
+
+    _set_threads(threads)
+    p = PROFILES[profile]
+    x = torch.randn(batch, 1, *p["train_patch"])
+    y = torch.randn(batch, 1, *p["train_patch"])
+    summary = {"profile": profile, "batch": batch, "threads": torch.get_num_threads(), "loadavg": _loadavg()}
+    for name, fast in (("ref", False), ("opt", True)):
+        step = train_step_fn(build_network("fnet", p["fnet"]), x, y, fast, fast, "cpu")
+        step()  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+        bn = sum(e.self_cpu_time_total for e in events if "batch_norm" in e.key)
+        summary[name] = {"total_ms": total / 1e3, "convolution_ms": conv / 1e3, "batch_norm_ms": bn / 1e3,
+                         "top": [(e.key, e.self_cpu_time_total / 1e3) for e in
+                                 sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]]}
+        _log(f"\n### {name}: F-net training step, batch {batch} x {_shape_str(p['train_patch'])}, "
+             f"profiled self CPU time {total / 1e6:.2f} s; convolutions {conv / total:.0%}, "
+             f"batch norm {bn / total:.0%}")
+        _log(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    if "ref" in summary and "opt" in summary:
+        r, o = summary["ref"], summary["opt"]
+        _log(f"convolution time ref/opt {r['convolution_ms'] / o['convolution_ms']:.2f}x, "
+             f"rest ref/opt {(r['total_ms'] - r['convolution_ms']) / max(1e-9, o['total_ms'] - o['convolution_ms']):.2f}x, "
+             f"whole step {r['total_ms'] / o['total_ms']:.2f}x")
     if out:
         write_json(out, summary)
 
@@ -906,4 +982,4 @@ def _train_on(net, state: dict, x, y) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 1 or sys.argv[1].startswith("-"):
         sys.argv.insert(1, "run")
-    fire.Fire({"run": run, "quality": quality, "child": child, "ddp_worker": ddp_worker})
+    fire.Fire({"run": run, "quality": quality, "profile": profile, "child": child, "ddp_worker": ddp_worker})

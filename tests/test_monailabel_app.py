@@ -346,3 +346,29 @@ def test_train_writes_a_new_checkpoint(bundle, server):
     # the server picks the new weights up for inference (it reloads a model whose file changed)
     status, _, _ = _request("POST", f"{server['url']}/infer/{bundle}?image={bundle}_train_a&output=json", data=b"")
     assert status == 200
+
+
+@pytest.mark.slow
+def test_stopping_the_server_stops_its_training_job(server):
+    """Runs last: a background training job (a child process) must not outlive the server."""
+    import psutil
+
+    if not TRAINED:
+        pytest.skip("no bundle is trained over HTTP")
+    b = TRAINED[0]
+    params = json.dumps({"max_epochs": 1000, "val_split": 0.5, "label_tag": f"zoo_{b}", "device": "cpu"}).encode()
+    status, _, resp = _request("POST", f"{server['url']}/train/{b}", params, {"Content-Type": "application/json"})
+    assert status == 200, resp[-2000:]
+    proc = server["proc"]
+    job, deadline = None, time.time() + 120
+    while job is None and time.time() < deadline:
+        job = next((c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "monailabel.interfaces.utils.app" in " ".join(c.cmdline())), None)
+        time.sleep(0.5)
+    assert job is not None, "no training process appeared"
+    proc.terminate()  # as `kill <pid>` does
+    proc.wait(timeout=60)
+    gone, alive = psutil.wait_procs([job], timeout=30)
+    for p in alive:  # do not leave it behind even when the test fails
+        p.kill()
+    assert not alive, "the training job outlived the server"

@@ -108,7 +108,7 @@ def test_resume_after_kill_continues_from_checkpoint(data, tmp_path):
 
 
 def test_ddp_two_cpu_processes(data, tmp_path):
-    ov = _ov(data, tmp_path)
+    ov = dict(_ov(data, tmp_path), val_manifest=data["train"])  # DistributedSampler: >= 1 volume per rank
     p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
     per_rank_iters = -(-ov["epoch_length"] * ov["batch_size"] // 2 // ov["batch_size"])
     assert f"Iter: {per_rank_iters}/{per_rank_iters}" in p.output
