@@ -439,6 +439,7 @@ def evaluation_score(gt_instances, pred_instances, weights: Sequence[float] = (0
     sem_gt = semantic_from_instances(gt, edge_width, per_slice)
     sem_pr = semantic_from_instances(pr, edge_width, per_slice)
     pad = (0 if per_slice else edge_width, edge_width, edge_width)
+    pred_sizes = np.bincount(pr.ravel())
     rows = []
     for k, box in enumerate(ndi.find_objects(gt), start=1):
         if box is None:
@@ -451,7 +452,7 @@ def evaluation_score(gt_instances, pred_instances, weights: Sequence[float] = (0
         if over.size:
             j = np.bincount(over).argmax()
             inter = int((over == j).sum())
-            full = 2.0 * inter / (int(g.sum()) + int((pr == j).sum()))
+            full = 2.0 * inter / (int(g.sum()) + int(pred_sizes[j]))
         sg, sp = sem_gt[box], sem_pr[box]
         sub = float(np.mean([_dice(sg == c, sp == c) for c in (EDGE, NUCLEUS)]))
         rows.append({"label": k, "subregion_dice": sub, "full_dice": full, "score": (w_sub * sub + w_full * full) / 2})

@@ -98,6 +98,9 @@ def analyse(images: str, instances: str, out_dir: str = "fucci_phases", channel_
         lab_path = _find_instances(instances, stem)
         img, spacing, _ = read_image(rec["image"], spatial_dims=3)
         lab, _, _ = read_image(lab_path, spatial_dims=3)
+        if lab.shape[0] != 1 or not np.all(np.mod(lab, 1) == 0) or lab.min() < 0:
+            raise ValueError(f"{lab_path}: not an instance-label image (expected one ZYX channel of integer labels, "
+                             f"got {lab.shape[0]} channel(s), values {lab.min():g}..{lab.max():g})")
         if img.shape[0] != len(names):
             raise ValueError(f"{rec['image']}: {img.shape[0]} channel(s) but channel_names {names}")
         if lab.shape[1:] != img.shape[1:]:

@@ -37,16 +37,18 @@ import numpy as np  # noqa: E402
 BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
 
 
-def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 128, 128),
-         n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2, epochs: int = 8,
-         epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 1.0, min_size: int = 30,
+def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 64, 64),
+         spacing=(5.0, 1.0, 1.0), n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2,
+         epochs: int = 12, epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 0.5, min_size: int = 8,
          input_channels=(0, 1, 2), threads: int = 1, seed: int = 0):
     """Train, segment, call phases, compare with the truth; prints the table and the report path.
 
     Args:
         out_dir: everything goes here (data/, models/, runs/, pred_*/, report/).
         n_train, n_test: spheroids for training / held out.
-        shape, n_nuclei: ``ZYX`` size and nuclei per spheroid (voxel 5 x 0.5 x 0.5 um).
+        shape, spacing, n_nuclei: ``ZYX`` size, voxel size (um) and nuclei per spheroid (the default
+            is the generator's 24x128x128 field at 5 x 0.5 x 0.5 um sampled at 1 um in the plane,
+            4x fewer voxels for the CPU).
         features, patch, batch_size, epochs, epoch_length, learning_rate: network and budget
             (paper: features [64, 128, 256], lr 1e-4; smaller and faster for the CPU).
         h_um: minimal dynamic of a watershed seed (um).
@@ -68,10 +70,12 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     out_dir = os.path.abspath(out_dir)
     data = os.path.join(out_dir, "data")
     shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in spacing)
     features, patch = [int(f) for f in features], [int(p) for p in patch]
 
-    print(f"[1/5] {n_train} + {n_test} synthetic FUCCI spheroids {shape}, {n_nuclei} nuclei each")
-    manifest = write_fucci_dataset(data, n_spheroids=n_train + n_test, shape=shape, n_nuclei=n_nuclei, seed=seed)
+    print(f"[1/5] {n_train} + {n_test} synthetic FUCCI spheroids {shape} at {spacing} um, {n_nuclei} nuclei each")
+    manifest = write_fucci_dataset(data, n_spheroids=n_train + n_test, shape=shape, n_nuclei=n_nuclei, seed=seed,
+                                   spacing_um=spacing)
     rows = list(csv.DictReader(open(manifest)))
     items = []
     for i, r in enumerate(rows):
@@ -138,7 +142,8 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
                          "max abs diff (pp)": a["max_abs_diff_pp"],
                          **{f"% {p} true/pred": f"{100 * a['true_distribution'][p]:.1f} / "
                                                 f"{100 * a['pred_distribution'][p]:.1f}" for p in PHASE_NAMES}})
-    results["setup"] = {"n_train": n_train, "n_test": n_test, "shape": list(shape), "n_nuclei": n_nuclei,
+    results["setup"] = {"n_train": n_train, "n_test": n_test, "shape": list(shape), "spacing_um": list(spacing),
+                        "n_nuclei": n_nuclei,
                         "features": features, "patch": patch, "batch_size": batch_size, "epochs": epochs,
                         "epoch_length": epoch_length, "learning_rate": learning_rate, "h_um": h_um, "seed": seed,
                         "min_size": min_size, "input_channels": net["input_channels"],

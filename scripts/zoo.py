@@ -247,10 +247,16 @@ def download(name: str, index: str, version: str | None = None, bundle_dir: str 
             raise ZooError(f"{source}: no readable {name}/configs/metadata.json in the zip ({e})") from e
         if got_version != version:
             raise ZooError(f"{source}: metadata.json says version {got_version!r}, the index says {version}")
+        old = None
         if os.path.exists(final):  # overwrite: swap in, then drop the old copy
             old = os.path.join(work, "previous")
             os.replace(final, old)
-        os.replace(os.path.join(staged, name), final)
+        try:
+            os.replace(os.path.join(staged, name), final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)  # put the previous copy back
+            raise
         ok = True
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -127,7 +127,7 @@ def test_evaluate_script_end_to_end(tmp_path):
     assert seg_p["ap"] == seg_t["ap"] and seg_p["tp"] == seg_t["tp"]
     assert res["segmentation_vs_target"]["perfect"]["ap"] == [1.0] * 10
     f = res["features"]["perfect"]
-    assert f["n_matched"] == f["n_target"] == f["n_pred"] >= 3
+    assert f["n_matched"] == f["n_target"] == f["n_pred"] >= 2
     # the same objects: every shape feature correlates perfectly over the matched pairs
     for name in ("volume", "surface_area", "sphericity", "axis_major_length"):
         assert f["correlation"][name] == pytest.approx(1.0, abs=1e-9), name

@@ -443,3 +443,40 @@ def test_prepare_gt_from_cellpose_wiring(tmp_path, monkeypatch):
         mod.from_cellpose(str(tmp_path / "stacks"), str(tmp_path / "missing"), str(tmp_path / "gt2"))
     with pytest.raises(ValueError, match="--channel 5 does not exist"):
         mod.from_cellpose(str(tmp_path / "stacks"), str(weights), str(tmp_path / "gt3"), channel=5)
+
+
+def test_phase_analysis_script_tables_and_plot(tmp_path):
+    """scripts/fucci_phase_analysis.py on two synthetic spheroids with their true masks."""
+    import pandas as pd
+
+    from common.io import write_ome_tiff
+    from common.synthetic import make_fucci_spheroid
+
+    spec = importlib.util.spec_from_file_location("fucci_phase_analysis",
+                                                  os.path.join(ROOT, "scripts", "fucci_phase_analysis.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    truth = {}
+    for seed in (1, 2):
+        d = make_fucci_spheroid(shape=(12, 64, 64), n_nuclei=16, spacing_um=(5.0, 1.0, 1.0), seed=seed)
+        write_ome_tiff(tmp_path / "img" / f"s{seed}.ome.tif", d["image"], "CZYX", d["spacing_um"])
+        write_ome_tiff(tmp_path / "lab" / f"s{seed}_instances.ome.tif", d["labels"].astype(np.uint16), "ZYX",
+                       d["spacing_um"])
+        truth[f"s{seed}"] = d["phases"]
+    mod.analyse(str(tmp_path / "img"), str(tmp_path / "lab"), str(tmp_path / "out"))
+    nuc = pd.read_csv(tmp_path / "out" / "nuclei.csv")
+    for col in ("spheroid", "id", "centroid_z_um", "volume_um3", "mean_Cy3", "mean_GFP", "mean_Hoechst", "phase"):
+        assert col in nuc.columns
+    called = [truth[s][int(i)] == p for s, i, p in zip(nuc["spheroid"], nuc["id"], nuc["phase"])]
+    assert len(called) == sum(len(t) for t in truth.values()) and np.mean(called) >= 0.9
+    dist = pd.read_csv(tmp_path / "out" / "phase_distribution.csv")
+    assert list(dist["spheroid"]) == ["s1", "s2"]
+    np.testing.assert_allclose(dist[[c for c in dist.columns if c.startswith("% ")]].sum(1), 100.0)
+    for s in ("s1", "s2"):  # the table's percentages are those of nuclei.csv
+        ph = nuc.loc[nuc["spheroid"] == s, "phase"]
+        assert dist.loc[dist["spheroid"] == s, "% G1"].item() == pytest.approx(100 * (ph == "G1").mean())
+    assert (tmp_path / "out" / "phase_distribution.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="no instance labels for 's1'"):
+        mod.analyse(str(tmp_path / "img"), str(tmp_path / "out"), str(tmp_path / "out2"))
+    with pytest.raises(ValueError, match="s1.ome.tif: not an instance-label image"):
+        mod.analyse(str(tmp_path / "img"), str(tmp_path / "img"), str(tmp_path / "out2"))

@@ -66,7 +66,9 @@ def test_upper_clamp_blinds_dice_to_overpredicted_background_lower_clamp_is_need
     soft = soft_threshold(t([[[2.0] + [-3.0] * 9]]), clamp="none")
     mask = t([[[1.0] + [0.0] * 9]])
     assert float(soft_dice_loss(soft, mask)) > 1.0  # 1 - 2(1.013) / (1.013 - 9(1.017) + 1) = 1.28
-    assert 0.0 <= float(soft_dice_loss(soft_threshold(t([[[2.0] + [-3.0] * 9]])), mask)) <= 1.0
+    # clamped below, sigma is in [0, 1.026): the loss stays in [1 - 1.026, 1] (here 1 - 2.026 / 2.013)
+    got = float(soft_dice_loss(soft_threshold(t([[[2.0] + [-3.0] * 9]])), mask))
+    assert got == pytest.approx(1 - 2 * (3.9 / 3.85) / (3.9 / 3.85 + 1 + 1e-6)) and -0.026 < got < 1.0
 
 
 # ------------------------------------------------------------------ MMSE / Dice / Spotlight by hand

@@ -33,7 +33,7 @@ from distribution_testing import (
     unusable_reason,
     wait_for_http,
 )
-from zoo_testing import ROOT, TINY, env
+from zoo_testing import ROOT, env
 
 APP = os.path.join(ROOT, "monailabel_app")
 sys.path.insert(0, APP)
