@@ -281,6 +281,7 @@ def write_ome_tiff(path: str | os.PathLike, array, axes: str = "ZYX", spacing_um
     tmp = _atomic_target(path)
     try:
         tifffile.imwrite(tmp, array, ome=True, metadata=metadata, compression=compression, photometric="minisblack")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -56,6 +56,7 @@ def save_figure(fig, path: str, dpi: int = 100) -> str:
     tmp = _atomic_path(path, os.path.splitext(path)[1] or ".png")
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -127,6 +128,7 @@ def write_json(path: str, obj) -> str:
     try:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=default)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,17 +6,16 @@ bundles also as train tasks, images and labels kept in a local studies folder.
 
 ``--conf`` options (all optional):
 
-=================  ===================================================================================
-``models``         ``all`` (default) or a comma-separated list of bundle names to serve
-``zoo_dir``        folder of bundle folders (default: this repository's ``bundles/``); e.g. a folder
-                   filled by ``python scripts/zoo.py download <name> --index ... --bundle_dir <folder>``
-``train_models``   ``segmentation`` (default: the segmentation bundles), ``all`` (virtual staining too:
-                   the datastore "label" is then the paired fluorescence image), ``none``, or a list
-``train_overrides`` JSON of bundle config overrides for every training run, for all bundles or per
-                   bundle, e.g. ``'{"epoch_length": 50, "isl_nucleus_seg": {"batch_size": 4}}'``
-``extensions``     datastore file patterns (default ``*.nii,*.nii.gz,*.tif,*.tiff,*.ome.tif,*.ome.tiff,*.png``)
-``preload``        ``true`` to load the networks at start (MONAI Label's own option)
-=================  ===================================================================================
+- ``models``: ``all`` (default) or a comma-separated list of bundle names to serve;
+- ``zoo_dir``: folder of bundle folders (default: this repository's ``bundles/``), e.g. one filled by
+  ``python scripts/zoo.py download <name> --index ... --bundle_dir <folder>``;
+- ``train_models``: ``segmentation`` (default: the segmentation bundles), ``all`` (virtual staining too:
+  the datastore "label" is then the paired fluorescence image), ``none``, or a list;
+- ``train_overrides``: JSON of bundle config overrides for every training run, for all bundles or per
+  bundle, e.g. ``'{"epoch_length":50,"isl_nucleus_seg":{"batch_size":4}}'`` (no spaces: the
+  ``monailabel`` launcher splits its arguments at spaces; ``python -m monailabel.main`` does not);
+- ``extensions``: datastore file patterns (default ``*.nii,*.nii.gz,*.tif,*.tiff,*.ome.tif,*.ome.tiff,*.png``);
+- ``preload``: ``true`` to load the networks at start (MONAI Label's own option).
 
 Only local bundle folders are used; nothing is downloaded. A bundle is served once it has weights
 (``models/model.pt`` or ``models/model.ts``); a bundle without weights is skipped with a log line.

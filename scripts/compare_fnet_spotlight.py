@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train fnet_baseline and spotlight_dna with the same budget on the same synthetic data, then compare.
 
-    python scripts/compare_fnet_spotlight.py --out_dir compare_output            # ~15 min on 2 CPU cores
+    python scripts/compare_fnet_spotlight.py --out_dir compare_output            # 31 min on a busy 2-core CPU (7 min CPU time)
     python scripts/compare_fnet_spotlight.py --iterations 2000 --mult_chan 32 --out_dir long  # GPU
 
 Steps:
@@ -69,7 +69,7 @@ def budget_overrides(mult_chan: int, patch_size, batch_size: int, iterations: in
 
 def main(out_dir: str = "compare_output", n_train: int = 4, n_val: int = 1, n_test: int = 2, shape=(32, 128, 128),
          n_cells: int = 12, seed: int = 0, mult_chan: int = 8, patch_size=(16, 64, 64), batch_size: int = 4,
-         iterations: int = 150, epochs: int = 3, lr: float = 0.001, threads: int = 1, microssim: bool = True,
+         iterations: int = 240, epochs: int = 3, lr: float = 0.001, threads: int = 1, microssim: bool = True,
          sweep_levels=(0.0, 0.1, 0.2, 0.3)):
     """Run the comparison; prints where the report is.
 

@@ -1,7 +1,7 @@
 """Few-shot nucleus segmentation with and without in-silico-labeling pretraining (Bonte et al., Fig. 7b).
 
-    python scripts/isl_fewshot.py --out_dir runs/isl_fewshot            # real aiSEGcell data, CPU budget
-    python scripts/isl_fewshot.py --out_dir runs/x --ns "[1,2]" --iterations 10
+    python scripts/isl_fewshot.py                 # real aiSEGcell data, CPU budget (about 15 min, 1 thread)
+    python scripts/isl_fewshot.py --out_dir /tmp/x --ns "[1,2]" --iterations 10 --network paper
 
 One command, all through the isl_nucleus_seg bundle's own ``configs/train.json`` (in-process
 ``monai.bundle.ConfigWorkflow`` with overrides, exactly the pipeline a user trains with):
@@ -22,7 +22,6 @@ One command, all through the isl_nucleus_seg bundle's own ``configs/train.json``
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 import time
@@ -192,7 +191,7 @@ def _preview(bundle: str, net_overrides: dict, in_channels: int, test_csv: str, 
     save_figure(fig, path)
 
 
-def run(out_dir: str = "runs/isl_fewshot", data_dir: str | None = None, downsample: int = 2, tile: int = 128,
+def run(out_dir: str = os.path.join(BUNDLE, "runs", "fewshot"), data_dir: str | None = None, downsample: int = 2, tile: int = 128,
         timelapse: bool = False, network: str = "cpu",
         ns=(1, 2, 5, 10), inits=("isl", "scratch"), stage0_iterations: int = 600, iterations: int = 100,
         batch_size: int = 4, patch_size: int = 128, learning_rate: float = 1e-3, eval_roi: int = 256,
@@ -201,7 +200,8 @@ def run(out_dir: str = "runs/isl_fewshot", data_dir: str | None = None, downsamp
     """Run the experiment; returns the results dictionary (also written to ``<out_dir>/results.json``).
 
     Args:
-        out_dir: everything goes here (data when prepared, runs, models, table, figures).
+        out_dir: everything goes here (data when prepared, runs, models, table, figures); the
+            default ``bundles/isl_nucleus_seg/runs/fewshot`` is git-ignored.
         data_dir: folder with ``stage0_train.csv``, ``test.csv``, ``pool.csv``; default
             ``<out_dir>/data``, prepared from ../shared/data/aisegcell_bf_nuc when missing.
         downsample, tile, timelapse: passed to ``prepare_isl_data.aisegcell`` when the data are

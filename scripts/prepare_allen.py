@@ -221,9 +221,9 @@ def prepare(csv: str, out_dir: str, data_root: str | None = None, spacing_um: fl
         limit: convert only the first ``limit`` rows (e.g. 40, as pytorch_fnet's example).
         overwrite: convert again rows whose outputs exist.
     """
+    rows = read_rows(csv, data_root, path_column, signal_column, target_column)  # checked before heavy imports
     from common.io import write_ome_tiff
 
-    rows = read_rows(csv, data_root, path_column, signal_column, target_column)
     if limit:
         rows = rows[: int(limit)]
     src_default = tuple(float(s) for s in (source_spacing_um.split(",") if isinstance(source_spacing_um, str)
