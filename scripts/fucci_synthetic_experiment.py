@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """unet3d_fucci on synthetic FUCCI spheroids: segmentation, then the cell-cycle phase of every nucleus.
 
-    python scripts/fucci_synthetic_experiment.py                    # ~5 min on 2 CPU cores, 1 thread
+    python scripts/fucci_synthetic_experiment.py --seed 10          # ~8 min on a shared 2-core CPU, 1 thread
     python scripts/fucci_synthetic_experiment.py --epochs 1 --epoch_length 3 --out_dir fucci_syn_smoke
 
 Data: :func:`common.synthetic.make_fucci_spheroid` spheroids (channels Cy3, GFP, Hoechst; a known
@@ -37,23 +37,23 @@ import numpy as np  # noqa: E402
 BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
 
 
-def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 64, 64),
-         spacing=(5.0, 1.0, 1.0), n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2,
-         epochs: int = 12, epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 0.5, min_size: int = 8,
+def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 128, 128),
+         spacing=(5.0, 0.5, 0.5), n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2,
+         epochs: int = 15, epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 0.25, min_size: int = 30,
          input_channels=(0, 1, 2), threads: int = 1, seed: int = 0):
     """Train, segment, call phases, compare with the truth; prints the table and the report path.
 
     Args:
         out_dir: everything goes here (data/, models/, runs/, pred_*/, report/).
         n_train, n_test: spheroids for training / held out.
-        shape, spacing, n_nuclei: ``ZYX`` size, voxel size (um) and nuclei per spheroid (the default
-            is the generator's 24x128x128 field at 5 x 0.5 x 0.5 um sampled at 1 um in the plane,
-            4x fewer voxels for the CPU).
+        shape, spacing, n_nuclei: ``ZYX`` size, voxel size (um) and nuclei per spheroid.
         features, patch, batch_size, epochs, epoch_length, learning_rate: network and budget
             (paper: features [64, 128, 256], lr 1e-4; smaller and faster for the CPU).
-        h_um: minimal dynamic of a watershed seed (um).
+        h_um: minimal dynamic of a watershed seed (um); these nuclei are small (3.5-5.5 um long
+            semi-axis) and span 1-2 slices, hence a lower value than the bundle's 1 um.
         min_size: smallest instance kept (voxels).
         input_channels: image channels fed to the network (0 Cy3, 1 GFP, 2 Hoechst).
+        seed: data seed (spheroid ``i`` uses ``seed + i``).
     """
     import pandas as pd
     import torch
