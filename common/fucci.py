@@ -562,15 +562,19 @@ def _background_levels(image: np.ndarray, instances: np.ndarray, background) -> 
 
 
 def nucleus_table(instances, image, channel_names: Sequence[str] = ("Cy3", "GFP", "Hoechst"),
-                  spacing=(1.0, 1.0, 1.0), red: str = "Cy3", green: str = "GFP", normalise_by: str | None = "Hoechst",
-                  thresholds: Mapping[str, object] | str = "otsu", background="auto", spheroid: str | None = None):
+                  spacing=(1.0, 1.0, 1.0), red: str = "Cy3", green: str = "GFP", normalise_by: str | None = None,
+                  thresholds: Mapping[str, object] | str = "otsu", background="auto", statistic: str = "median",
+                  spheroid: str | None = None):
     """Per-nucleus measurements and cell-cycle phase.
 
-    For every instance: centroid (um), volume (um^3), mean intensity per channel (minus the
-    channel's background level); the reporter levels ``red`` and ``green``, divided by the mean of
-    ``normalise_by`` (a DNA stain) when given, so that the dimming with depth in a spheroid, which
-    affects all channels alike, cancels; a reporter is *on* above its threshold (Otsu over the
-    nuclei of this table, or a user value); the phase follows :func:`phase_from_reporters`.
+    For every instance: centroid (um), volume (um^3), mean and median intensity per channel (minus
+    the channel's background level); the reporter levels ``red`` and ``green`` (the ``statistic``,
+    median by default: a segmentation that spills into a neighbour of another phase moves the
+    mean but not the median as long as most voxels are the nucleus' own), divided by the same
+    statistic of ``normalise_by`` (a DNA stain) when given, so that the dimming with depth in a
+    spheroid, which affects all channels alike, cancels; a reporter is *on* above its threshold
+    (Otsu over the nuclei of this table, or a user value); the phase follows
+    :func:`phase_from_reporters`.
 
     Args:
         instances: ``ZYX`` labels.
@@ -583,11 +587,13 @@ def nucleus_table(instances, image, channel_names: Sequence[str] = ("Cy3", "GFP"
             of the reporter levels (ratios when ``normalise_by`` is set); ``None`` measures only
             (no phase columns; see :func:`assign_phases`).
         background: ``"auto"`` (median away from nuclei), ``None`` (0) or one value per channel.
+        statistic: ``"median"`` or ``"mean"`` per nucleus for the reporter levels.
         spheroid: name written in a ``spheroid`` column.
 
     Returns:
         ``(table, thresholds)``: a pandas DataFrame with columns ``id``, ``centroid_z_um``,
-        ``centroid_y_um``, ``centroid_x_um``, ``volume_um3``, ``mean_<channel>`` per channel,
+        ``centroid_y_um``, ``centroid_x_um``, ``volume_um3``, ``mean_<channel>`` and
+        ``median_<channel>`` per channel,
         ``level_<red>``, ``level_<green>``, ``<red>_on``, ``<green>_on``, ``phase``
         (and ``spheroid``), and the thresholds used ``{red: t, green: t}``.
     """
@@ -615,20 +621,26 @@ def nucleus_table(instances, image, channel_names: Sequence[str] = ("Cy3", "GFP"
         coords = [ndi.sum_labels(np.broadcast_to(np.arange(n).reshape([-1 if a == i else 1 for a in range(3)]),
                                                  lab.shape), lab, ids) / count for i, n in enumerate(lab.shape)]
         means = np.stack([ndi.mean(img[c], lab, ids) - bg[c] for c in range(img.shape[0])], 1)
+        medians = np.stack([np.atleast_1d(ndi.median(img[c], lab, ids)) - bg[c] for c in range(img.shape[0])], 1)
     else:
-        count, coords, means = np.zeros(0), [np.zeros(0)] * 3, np.zeros((0, img.shape[0]))
+        count, coords = np.zeros(0), [np.zeros(0)] * 3
+        means = medians = np.zeros((0, img.shape[0]))
     for ax, name in enumerate("zyx"):
         cols[f"centroid_{name}_um"] = coords[ax] * sp[ax]
     cols["volume_um3"] = count * float(np.prod(sp))
     for c, name in enumerate(names):
         cols[f"mean_{name}"] = means[:, c]
+    for c, name in enumerate(names):
+        cols[f"median_{name}"] = medians[:, c]
     table = pd.DataFrame(cols)
     if spheroid is not None:
         table.insert(0, "spheroid", spheroid)
-    denom = table[f"mean_{normalise_by}"].to_numpy() if normalise_by else np.ones(len(table))
+    if statistic not in ("median", "mean"):
+        raise ValueError(f"statistic must be 'median' or 'mean', got {statistic!r}")
+    denom = table[f"{statistic}_{normalise_by}"].to_numpy() if normalise_by else np.ones(len(table))
     denom = np.where(denom > 0, denom, np.nan)
     for ch in (red, green):
-        table[f"level_{ch}"] = table[f"mean_{ch}"].to_numpy() / denom
+        table[f"level_{ch}"] = table[f"{statistic}_{ch}"].to_numpy() / denom
     if thresholds is None:
         return table, {}
     return assign_phases(table, red, green, thresholds)

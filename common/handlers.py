@@ -10,19 +10,37 @@ import re
 import torch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["latest_checkpoint", "Resumable"]
+__all__ = ["checkpoints_newest_first", "latest_checkpoint", "latest_loadable_checkpoint", "Resumable"]
 
 _STEP = re.compile(r"(?:epoch|iteration)=(\d+)")
 
 
-def latest_checkpoint(ckpt_dir: str, pattern: str = "*.pt") -> str | None:
-    """The checkpoint in ``ckpt_dir`` with the highest ``epoch=N`` / ``iteration=N`` in its name, or None."""
-    best, best_step = None, -1
+def checkpoints_newest_first(ckpt_dir: str, pattern: str = "*.pt") -> list:
+    """Checkpoints in ``ckpt_dir`` with ``epoch=N`` / ``iteration=N`` in their names, highest N first."""
+    found = []
     for path in glob.glob(os.path.join(ckpt_dir, pattern)):
         m = _STEP.search(os.path.basename(path))
-        if m and int(m.group(1)) > best_step:
-            best, best_step = path, int(m.group(1))
-    return best
+        if m:
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: str, pattern: str = "*.pt") -> str | None:
+    """The checkpoint in ``ckpt_dir`` with the highest ``epoch=N`` / ``iteration=N`` in its name, or None."""
+    found = checkpoints_newest_first(ckpt_dir, pattern)
+    return found[0] if found else None
+
+
+def latest_loadable_checkpoint(ckpt_dir: str, pattern: str = "*.pt") -> str | None:
+    """The newest checkpoint that really loads (``weights_only=True``); truncated files are skipped
+    with a warning (a process killed while ignite was writing can leave one behind)."""
+    for path in checkpoints_newest_first(ckpt_dir, pattern):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except Exception as e:  # truncated / corrupt file: fall back to the previous checkpoint
+            logging.getLogger(__name__).warning(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
+    return None
 
 
 class Resumable:
@@ -58,7 +76,7 @@ class Resumable:
 
     def attach(self, engine) -> None:
         objects = dict(self.objects, trainer=engine)
-        path = latest_checkpoint(self.ckpt_dir, f"{self.file_prefix}*.pt") if self.resume else None
+        path = latest_loadable_checkpoint(self.ckpt_dir, f"{self.file_prefix}*.pt") if self.resume else None
         if path is not None:
             self.logger.info(f"resuming from {path}")
             self.resumed_from = path
@@ -66,4 +84,4 @@ class Resumable:
         elif self.resume:
             self.logger.info(f"no checkpoint in {self.ckpt_dir}: training from the start")
         CheckpointSaver(save_dir=self.ckpt_dir, save_dict=objects, save_interval=self.save_interval, epoch_level=True,
-                        n_saved=self.n_saved, file_prefix=self.file_prefix).attach(engine)
+                        n_saved=max(2, self.n_saved), file_prefix=self.file_prefix).attach(engine)

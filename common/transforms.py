@@ -622,7 +622,12 @@ class DistanceMaskToInstances(Transform):
             mask = m > np.log(self.mask_threshold / (1.0 - self.mask_threshold))
         else:
             mask = m > self.mask_threshold
-        lab = hmaxima_watershed(dist, mask, h=self.h, reconstruct=self.reconstruct, connectivity=self.connectivity)
+        # a one-pixel background frame: a mask component filling the whole image still has an outside,
+        # so its highest plateau is a maximum of dynamic >= h (hmaxima_watershed alone finds no marker
+        # in a full-image mask whose distance varies by less than h, and returns no object)
+        inner = tuple(slice(1, -1) for _ in range(dist.ndim))
+        lab = hmaxima_watershed(np.pad(dist, 1), np.pad(mask, 1), h=self.h, reconstruct=self.reconstruct,
+                                connectivity=self.connectivity)[inner]
         return _size_filter(lab, self.min_size)
 
     def __call__(self, img):

@@ -16,13 +16,13 @@ output) or ``<stem>.ome.tif`` for every image ``<stem>``.
 
 Rules (:func:`common.fucci.phase_from_reporters`): Cy3 (mKO2-hCdt1) only = G1, GFP (mAG-hGeminin)
 only = S/G2/M, both = G1/S transition, neither = early G1 / M exit. A reporter is on when its
-per-nucleus mean (minus the background, optionally divided by the DNA channel) exceeds a
+per-nucleus median (minus the background, optionally divided by the DNA channel) exceeds a
 threshold: Otsu of the log levels over the nuclei of *all* spheroids (``--pool_thresholds``,
 default, so that a treatment that shifts every cell to one phase is not split in two) or of each
 spheroid, or your value.
 
-Outputs in ``out_dir``: ``nuclei.csv`` (spheroid, id, centroid in um, volume in um^3, mean intensity
-per channel, reporter levels, on/off, phase), ``phase_distribution.csv`` and ``.md`` (percent of
+Outputs in ``out_dir``: ``nuclei.csv`` (spheroid, id, centroid in um, volume in um^3, mean and
+median intensity per channel, reporter levels, on/off, phase), ``phase_distribution.csv`` and ``.md`` (percent of
 nuclei per phase, per spheroid), ``phase_distribution.png`` (stacked bars) and ``thresholds.json``.
 """
 
@@ -65,7 +65,8 @@ def _atomic_csv(df, path: str) -> str:
 
 def analyse(images: str, instances: str, out_dir: str = "fucci_phases", channel_names="Cy3,GFP,Hoechst",
             red: str = "Cy3", green: str = "GFP", normalise_by: str | None = None, threshold_red="otsu",
-            threshold_green="otsu", pool_thresholds: bool = True, background="auto", min_volume_um3: float = 0.0):
+            threshold_green="otsu", pool_thresholds: bool = True, background="auto", statistic: str = "median",
+            min_volume_um3: float = 0.0):
     """Per-nucleus table, per-spheroid phase distribution and plot (see the module docstring).
 
     Args:
@@ -78,6 +79,8 @@ def analyse(images: str, instances: str, out_dir: str = "fucci_phases", channel_
         threshold_red, threshold_green: ``otsu`` or a number (reporter level units).
         pool_thresholds: one Otsu threshold over all spheroids (default) or one per spheroid.
         background: ``auto`` (median away from nuclei), ``None`` or one value per channel.
+        statistic: per-nucleus ``median`` (default, robust to a segmentation that spills into a
+            neighbour) or ``mean`` for the reporter levels.
         min_volume_um3: ignore instances smaller than this (fragments).
 
     Returns:
@@ -112,7 +115,7 @@ def analyse(images: str, instances: str, out_dir: str = "fucci_phases", channel_
     for i, (stem, img, lab, spacing) in enumerate(pairs):
         print(f"[{i + 1}/{len(pairs)}] {stem}: measuring {len(np.unique(lab)) - 1} nuclei", flush=True)
         t, _ = nucleus_table(lab, img, names, spacing, red=red, green=green, normalise_by=normalise_by,
-                             thresholds=None, background=background, spheroid=stem)
+                             thresholds=None, background=background, statistic=statistic, spheroid=stem)
         tables.append(t[t["volume_um3"] >= min_volume_um3])
     used = {}
     if pool_thresholds:

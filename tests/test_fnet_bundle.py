@@ -2,19 +2,15 @@
 
 import csv
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from common.handlers import latest_checkpoint
+from common.handlers import latest_checkpoint, latest_loadable_checkpoint
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_dataset_3d
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, cli_overrides, env, run_bundle
+from zoo_testing import TINY, TINY_TRAIN, run_bundle, train_until_checkpoint
 
 B = "fnet_baseline"
 pytestmark = pytest.mark.slow
@@ -63,7 +59,7 @@ def test_train_writes_model_metrics_and_tensorboard(trained):
 def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
     out, ov, _ = trained
     vol = np.random.default_rng(0).random((37, 150, 171)).astype(np.float32)
-    src = write_ome_tiff(tmp_path / "in" / "odd.ome.tif", vol, spacing_um=(0.4, 0.3, 0.3))
+    write_ome_tiff(tmp_path / "in" / "odd.ome.tif", vol, spacing_um=(0.4, 0.3, 0.3))
     run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
                                          ckpt_path=str(out / "models" / "model.pt")))
     pred, spacing, known = read_image(tmp_path / "pred" / "odd_pred.ome.tif")
@@ -85,22 +81,8 @@ def test_resume_after_kill_continues_from_checkpoint(data, tmp_path):
     ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
               ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
     ov.update(num_epochs=1000, val_interval=1000)
-    root = os.path.join(BUNDLES, B)
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json"),
-            *cli_overrides(dict(ov, bundle_root=root))]
-    proc = subprocess.Popen(args, cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = str(tmp_path / "runs" / "checkpoints")
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            last = latest_checkpoint(ckpt_dir)
-            if last and "epoch=" in last and int(last.split("epoch=")[1].split(".")[0]) >= 2:
-                break
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    last = latest_checkpoint(ckpt_dir)
+    last = train_until_checkpoint(B, ov, ckpt_dir, min_epoch=2)
     assert last is not None, "no checkpoint written before the deadline"
     L = ov["epoch_length"]
     state = torch.load(last, weights_only=True)["trainer"]  # ignite keeps iteration and epoch_length
@@ -111,8 +93,8 @@ def test_resume_after_kill_continues_from_checkpoint(data, tmp_path):
     assert f"resuming from {last}" in p.output
     # only the one remaining epoch ran, numbered after the saved one
     assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}, Iter: 1/{L}" in p.output
-    assert f"Epoch: 1/" not in p.output
-    final = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]
+    assert "Epoch: 1/" not in p.output
+    final = torch.load(latest_loadable_checkpoint(ckpt_dir), weights_only=True)["trainer"]
     assert final["iteration"] == (saved_epoch + 1) * L
 
 

@@ -168,6 +168,10 @@ def test_postprocessing_threshold_clip_min_size_and_errors():
     assert DistanceMaskToInstances(logits=False, mask_threshold=0.8)(prob)[0].max() == 0
     lab = DistanceMaskToInstances(logits=False, min_size=5)(prob)[0]
     assert lab.max() == 1 and lab[16, 26] == 0
+    # a mask over the whole image with a nearly flat distance map is one cell, not none
+    flat = np.stack([np.full((16, 16), 0.2) + 0.01 * np.random.default_rng(0).random((16, 16)), np.full((16, 16), 5.0)])
+    for reconstruct in (False, True):
+        np.testing.assert_array_equal(DistanceMaskToInstances(reconstruct=reconstruct)(flat)[0], 1)
     with pytest.raises(ValueError, match="distance, mask"):
         DistanceMaskToInstances()(dist[None])
     with pytest.raises(ValueError, match="NaN"):

@@ -78,7 +78,7 @@ def train_until_checkpoint(bundle: str, overrides: dict, ckpt_dir: str, min_epoc
     import signal
     import time
 
-    from common.handlers import latest_checkpoint
+    from common.handlers import latest_checkpoint, latest_loadable_checkpoint
 
     root = os.path.join(BUNDLES, bundle)
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json"),
@@ -89,9 +89,18 @@ def train_until_checkpoint(bundle: str, overrides: dict, ckpt_dir: str, min_epoc
         while time.time() < deadline and proc.poll() is None:
             last = latest_checkpoint(ckpt_dir)
             if last and "epoch=" in last and int(last.split("epoch=")[1].split(".")[0]) >= min_epoch:
-                break
+                # MONAI's CheckpointSaver writes in place (not atomically): the file exists while it is
+                # being written, so wait until it loads before killing
+                try:
+                    import torch
+
+                    torch.load(last, weights_only=True)
+                    break
+                except Exception:
+                    pass
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    return latest_checkpoint(ckpt_dir)
+    # the kill may land in the middle of writing a newer checkpoint: resume skips such a file too
+    return latest_loadable_checkpoint(ckpt_dir)
