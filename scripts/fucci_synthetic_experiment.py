@@ -40,7 +40,7 @@ BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
 def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 128, 128),
          spacing=(5.0, 0.5, 0.5), n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2,
          epochs: int = 15, epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 0.25, min_size: int = 30,
-         input_channels=(0, 1, 2), threads: int = 1, seed: int = 0):
+         input_channels=(0, 1, 2), statistic: str = "median", threads: int = 1, seed: int = 0):
     """Train, segment, call phases, compare with the truth; prints the table and the report path.
 
     Args:
@@ -53,6 +53,7 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
             semi-axis) and span 1-2 slices, hence a lower value than the bundle's 1 um.
         min_size: smallest instance kept (voxels).
         input_channels: image channels fed to the network (0 Cy3, 1 GFP, 2 Hoechst).
+        statistic: per-nucleus ``median`` or ``mean`` reporter levels (see :func:`common.fucci.nucleus_table`).
         seed: data seed (spheroid ``i`` uses ``seed + i``).
     """
     import pandas as pd
@@ -123,7 +124,7 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
         tables = []
         for it, lab in zip(test, labs):
             img, _, _ = read_image(it["image"])
-            t, _ = nucleus_table(lab, img, spacing=it["spacing"], thresholds=None,
+            t, _ = nucleus_table(lab, img, spacing=it["spacing"], thresholds=None, statistic=statistic,
                                  spheroid=os.path.basename(it["image"]).replace(".ome.tif", ""))
             tables.append(t)
         pooled, th = assign_phases(pd.concat(tables, ignore_index=True))
@@ -146,7 +147,7 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
                         "n_nuclei": n_nuclei,
                         "features": features, "patch": patch, "batch_size": batch_size, "epochs": epochs,
                         "epoch_length": epoch_length, "learning_rate": learning_rate, "h_um": h_um, "seed": seed,
-                        "min_size": min_size, "input_channels": net["input_channels"],
+                        "min_size": min_size, "input_channels": net["input_channels"], "statistic": statistic,
                         "torch_threads": torch.get_num_threads(), "train_seconds": round(t_train, 1)}
 
     print("[5/5] report")

@@ -480,3 +480,18 @@ def test_phase_analysis_script_tables_and_plot(tmp_path):
         mod.analyse(str(tmp_path / "img"), str(tmp_path / "out"), str(tmp_path / "out2"))
     with pytest.raises(ValueError, match="s1.ome.tif: not an instance-label image"):
         mod.analyse(str(tmp_path / "img"), str(tmp_path / "img"), str(tmp_path / "out2"))
+
+
+def test_median_levels_resist_segmentation_spill_over():
+    """A G1 nucleus whose mask spills 30% into a green neighbour: the mean calls it G1/S, the median G1."""
+    lab = np.zeros((1, 1, 10), np.int32)
+    lab[0, 0, :] = 1
+    img = np.zeros((3, 1, 1, 10))
+    img[0, 0, 0, :7] = 100.0  # its own red voxels
+    img[1, 0, 0, 7:] = 100.0  # the neighbour's green voxels inside the mask
+    img[2] = 50.0
+    th = {"Cy3": 25.0, "GFP": 25.0}
+    by_mean, _ = F.nucleus_table(lab, img, background=None, statistic="mean", thresholds=th)
+    by_median, _ = F.nucleus_table(lab, img, background=None, thresholds=th)
+    assert by_mean["mean_GFP"].item() == pytest.approx(30.0) and by_mean["phase"].item() == "G1/S"
+    assert by_median["median_GFP"].item() == 0.0 and by_median["phase"].item() == "G1"

@@ -64,14 +64,19 @@ def _run_inprocess(configs, overrides):
     run(config_file=cfg, **dict({"bundle_root": os.path.join(BUNDLES, B)}, **overrides))
 
 
-def _crafted_checkpoint(src, dst, mask_logit=20.0):
-    """``src`` with the mask-logit bias raised: every pixel is cell, the distance channel splits the cells.
+def _crafted_checkpoint(src, dst, dic):
+    """``src`` with the mask-logit bias shifted so that half of the pixels of ``dic`` (``CYX``) are cell.
 
     The tiny networks trained for a few iterations predict background everywhere; this gives the
-    instance metrics and MONAI Label non-empty label images to work on.
+    instance metrics and MONAI Label non-empty, non-trivial label images to work on.
     """
+    net = _parser("inference.json", TINY[B]).get_parsed_content("network_def")
     sd = torch.load(src, weights_only=True)
-    sd["head.block2.0.bias"][1] += mask_logit
+    net.load_state_dict(sd)
+    net.eval()
+    with torch.no_grad():
+        logit = net(torch.as_tensor(ZScoreNormalize()(np.asarray(dic, np.float32)))[None])[0, 1]
+    sd["head.block2.0.bias"][1] -= logit.median()
     torch.save(sd, dst)
     return dst
 
@@ -127,7 +132,9 @@ def test_evaluate_accumulates_over_the_whole_set(trained, data, tmp_path):
     """metrics.csv equals the dataset-level AP recomputed from the saved instance images."""
     out, ov, _, _ = trained
     os.makedirs(tmp_path / "models")
-    _crafted_checkpoint(out / "models" / "model.pt", tmp_path / "models" / "model.pt")
+    first = next(csv.DictReader(open(data["val"])))["path_signal"]
+    dic = read_image(os.path.join(os.path.dirname(data["val"]), first), 2)[0]
+    _crafted_checkpoint(out / "models" / "model.pt", tmp_path / "models" / "model.pt", dic)
     _run_inprocess(["train.json", "evaluate.json"],
                    dict(ov, bundle_root=str(tmp_path), ckpt_dir=str(tmp_path / "models"), val_manifest=data["val"],
                         h=0.05))
@@ -207,11 +214,11 @@ def test_monailabel_bundle_infer_task_returns_instance_labels(trained, tmp_path)
     parser = _parser("inference.json", dict(TINY[B]))
     ConfigParser.export_config_file(parser.get(), str(root / "configs" / "inference.json"), indent=2)
     os.makedirs(root / "models")
-    _crafted_checkpoint(out / "models" / "model.pt", root / "models" / "model.pt")
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
     d = make_dic_membrane_2d((96, 128), n_cells=6, seed=21, pixel_size_um=0.8)
     img = write_ome_tiff(tmp_path / "cells.ome.tif", d["dic"], "CYX", d["spacing_um"])
+    _crafted_checkpoint(out / "models" / "model.pt", root / "models" / "model.pt", d["dic"])
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
 
     task = BundleInferTask(str(root), {})
     assert task.is_valid() and task.dimension == 2
