@@ -825,7 +825,8 @@ def _make_volume(shape, seed):
 
 def quality(steps: int = 200, mult_chan: int = 4, depth: int = 2, patch=(16, 32, 32), batch: int = 8,
             n_train: int = 3, shape=(32, 96, 96), lr: float = 3e-3, cosine: bool = True, seed: int = 0,
-            control: bool = False, only: str | None = None, threads: int | None = None, out: str | None = None) -> None:
+            control: bool = False, only: str | None = None, threads: int | None = None, device: str = "cpu",
+            out: str | None = None) -> None:
     """Does bf16 cost quality? Train F-net twice from the same initial weights on the same random
     patches of synthetic phantoms (``common.synthetic.make_cell_field_3d``), in fp32 (reference) and
     with the fast path (bf16 autocast + channels-last, exactly what train.json's switches do), then
@@ -840,6 +841,7 @@ def quality(steps: int = 200, mult_chan: int = 4, depth: int = 2, patch=(16, 32,
         control: also train fp32 with channels-last only ("control"): the same maths in another
             summation order, which shows how far two numerically equivalent runs drift apart.
         only: comma-separated subset of runs (fp32, bf16, control).
+        device: ``cpu`` or ``cuda`` (bf16 autocast on either).
         out: write the results as JSON.
     """
     import torch
@@ -851,17 +853,21 @@ def quality(steps: int = 200, mult_chan: int = 4, depth: int = 2, patch=(16, 32,
     patch = tuple(int(v) for v in patch)
     vols = [_make_volume(shape, seed + i) for i in range(n_train + 1)]
     train, (val_x, val_y) = vols[:n_train], vols[n_train]
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(steps):  # the same patch sequence for both runs
-        xs, ys = [], []
-        for _ in range(batch):
-            sx, sy = train[rng.integers(len(train))]
-            o = [rng.integers(0, s - p + 1) for s, p in zip(sx.shape, patch)]
-            sl = tuple(slice(a, a + p) for a, p in zip(o, patch))
-            xs.append(sx[sl][None])
-            ys.append(sy[sl][None])
-        batches.append((torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))))
+    if any(s < p for vol in train for s, p in zip(vol[0].shape, patch)):
+        raise ValueError(f"patch {patch} is larger than the synthetic volumes {tuple(shape)}")
+
+    def batches():  # the same seeded patch sequence for every run
+        rng = np.random.default_rng(seed)
+        for _ in range(steps):
+            xs, ys = [], []
+            for _ in range(batch):
+                sx, sy = train[rng.integers(len(train))]
+                o = [rng.integers(0, s - p + 1) for s, p in zip(sx.shape, patch)]
+                sl = tuple(slice(a, a + p) for a, p in zip(o, patch))
+                xs.append(sx[sl][None])
+                ys.append(sy[sl][None])
+            yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
     results = {}
     runs = [("fp32", False), ("bf16", True)]
     if control:  # fp32 again, channels-last only: the same maths in another summation order
@@ -869,40 +875,40 @@ def quality(steps: int = 200, mult_chan: int = 4, depth: int = 2, patch=(16, 32,
     if only:
         runs = [r for r in runs if r[0] in _parse_list(only)]
     for name, fast in runs:
-        net = build_network("fnet", {"mult_chan": mult_chan, "depth": depth}, seed=seed)
+        net = build_network("fnet", {"mult_chan": mult_chan, "depth": depth}, seed=seed).to(device)
         for m in net.modules():  # fresh BatchNorm statistics, as an untrained network has
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
         bf16, cl = fast is True, bool(fast)
         set_memory_format(net, cl)
         opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999))
-        state = {"opt": opt, "inferer": FastSimpleInferer(bf16_cpu=bf16, channels_last=cl),
+        state = {"opt": opt, "inferer": FastSimpleInferer(bf16_cpu=bf16, bf16_cuda=bf16, channels_last=cl),
                  "sched": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if cosine else None}
         t = time.perf_counter()
         losses = []
-        for i, (x, y) in enumerate(batches):
-            losses.append(_train_on(net, state, x, y))
+        for i, (x, y) in enumerate(batches()):
+            losses.append(_train_on(net, state, x.to(device), y.to(device)))
             if not np.isfinite(losses[-1]):
                 raise FloatingPointError(f"{name} training: loss {losses[-1]} at step {i + 1}")
         train_s = time.perf_counter() - t
         net.eval()
         inferer = FastSlidingWindowInferer(roi_size=patch, sw_batch_size=4, overlap=0.25, mode="gaussian",
-                                           bf16_cpu=bf16, channels_last=cl, fuse_bn=cl)
+                                           bf16_cpu=bf16, bf16_cuda=bf16, channels_last=cl, fuse_bn=cl)
+        v = torch.from_numpy(val_x)[None, None].to(device)
         with torch.no_grad():
-            pred = inferer(torch.from_numpy(val_x)[None, None], net)[0, 0].numpy()
+            pred = inferer(v, net)[0, 0].cpu().numpy()
         results[name] = {"val_pearson": _pearson(pred, val_y), "final_loss": float(np.mean(losses[-5:])),
                          "train_s": train_s}
         _log(f"  {name}: validation Pearson r {results[name]['val_pearson']:.4f}, "
              f"mean loss of the last 5 steps {results[name]['final_loss']:.4f}, {train_s:.1f} s")
         if name == "fp32":  # the same network through the optimised inference path: precision, then windows
-            v = torch.from_numpy(val_x)[None, None]
             big = tuple(min(2 * a, b) for a, b in zip(patch, val_x.shape))
             for label, roi, sw, ov in (("bf16 inference", patch, 4, 0.25),
                                        (f"bf16 inference, windows {_shape_str(big)}", big, 1, 0.125)):
                 fast_inf = FastSlidingWindowInferer(roi_size=roi, sw_batch_size=sw, overlap=ov, mode="gaussian",
-                                                    bf16_cpu=True, channels_last=True, fuse_bn=True)
+                                                    bf16_cpu=True, bf16_cuda=True, channels_last=True, fuse_bn=True)
                 with torch.no_grad():
-                    pred = fast_inf(v, net)[0, 0].numpy()
+                    pred = fast_inf(v, net)[0, 0].cpu().numpy()
                 results[f"fp32, {label}"] = dict(results["fp32"], val_pearson=_pearson(pred, val_y))
                 _log(f"  fp32 network, {label}: validation Pearson r {_pearson(pred, val_y):.4f}")
     summary = {"steps": steps, "mult_chan": mult_chan, "depth": depth, "patch": list(patch), "batch": batch,
