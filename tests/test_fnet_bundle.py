@@ -10,31 +10,17 @@ import torch
 from common.handlers import latest_checkpoint, latest_loadable_checkpoint
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_dataset_3d
-from zoo_testing import TINY, TINY_TRAIN, run_bundle, train_until_checkpoint
+from zoo_testing import TINY, TINY_TRAIN, run_bundle, split_manifest, train_until_checkpoint
 
 B = "fnet_baseline"
 pytestmark = pytest.mark.slow
-
-
-def _split(manifest, parts):
-    folder = os.path.dirname(manifest)
-    rows = list(csv.DictReader(open(manifest)))
-    out, i = {}, 0
-    for name, n in parts.items():
-        path = os.path.join(folder, f"{name}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows[i:i + n])
-        out[name], i = path, i + n
-    return out
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("fnet_data")
     manifest = write_dataset_3d(str(d), n_volumes=4, shape=(16, 64, 64), seed=3)
-    return _split(manifest, {"train": 2, "val": 2})
+    return split_manifest(manifest, {"train": 2, "val": 2})
 
 
 @pytest.fixture(scope="module")

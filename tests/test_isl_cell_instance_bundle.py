@@ -16,24 +16,10 @@ from common.io import read_image, write_ome_tiff
 from common.metrics import aggregated_jaccard_index, dataset_average_precision
 from common.synthetic import make_dic_membrane_2d, write_dataset_2d_dic
 from common.transforms import ZScoreNormalize, as_instance_labels
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, split_manifest
 
 B = "isl_cell_instance"
 pytestmark = pytest.mark.slow
-
-
-def _split(manifest, parts):
-    folder = os.path.dirname(manifest)
-    rows = list(csv.DictReader(open(manifest)))
-    out, i = {}, 0
-    for name, n in parts.items():
-        path = os.path.join(folder, f"{name}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows[i:i + n])
-        out[name], i = path, i + n
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def data(tmp_path_factory):
     # columns path_signal (DIC), path_target (membrane: stage 0), path_label (cells: stage 1)
     d = tmp_path_factory.mktemp("isl_cell_data")
     manifest = write_dataset_2d_dic(str(d), n_images=4, shape=(64, 96), seed=5, pixel_size_um=0.8, n_cells=6)
-    return _split(manifest, {"train": 2, "val": 2})
+    return split_manifest(manifest, {"train": 2, "val": 2})
 
 
 @pytest.fixture(scope="module")
