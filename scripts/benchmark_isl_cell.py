@@ -49,6 +49,7 @@ CPU_NETWORK = {
     "base_def#growth_rate": 8,
     "base_def#decoder_channels": [128, 64, 32, 16, 8],
 }
+NETWORKS = {"cpu": CPU_NETWORK, "paper": {}}  # "paper": the config's DenseNet-121 U-Net
 
 
 def _env(threads: int) -> dict:
@@ -175,7 +176,7 @@ def _write_text(path: str, text: str) -> str:
 def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsample: int = 2,
          iterations: int = 120, pretrain_iterations: int = 150, batch_size: int = 4, patch: int = 128,
          learning_rate: float = 0.003, n_synthetic: int = 12, threads: int = 1, docs_dir: str | None = None,
-         seed: int = 0, inference_roi=(544, 704), min_object_size: int = 50) -> None:
+         seed: int = 0, inference_roi=(544, 704), min_object_size: int = 50, network: str = "cpu") -> None:
     """Run the benchmark described in the module docstring (results in ``out_dir``).
 
     ``inference_roi`` is the sliding-window size of the test inference; the default holds a whole 2x
@@ -186,7 +187,13 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
     Steps whose outputs exist in ``out_dir`` are not run again (stage-0 and stage-1 ``models/model.pt``
     with their ``run.json``, the test predictions), so an interrupted benchmark resumes and a changed
     scoring re-scores the same models; delete ``out_dir`` to start over.
+
+    ``network``: ``"cpu"`` (reduced DenseNet U-Net, :data:`CPU_NETWORK`) or ``"paper"`` (the config's
+    DenseNet-121 U-Net).
     """
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {sorted(NETWORKS)}, got {network!r}")
+    net = NETWORKS[network]
     import torch
 
     torch.set_num_threads(int(threads))
@@ -215,7 +222,7 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
     timings["data_s"] = time.time() - t0
 
     per_epoch = max(iterations // 3, 1)
-    common_ov = dict(CPU_NETWORK, patch_size=[patch, patch], batch_size=batch_size, learning_rate=learning_rate,
+    common_ov = dict(net, patch_size=[patch, patch], batch_size=batch_size, learning_rate=learning_rate,
                      num_workers=0, resume=False)
     run_root = os.path.join(out_dir, "runs")
 
@@ -253,7 +260,7 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
                         for n in sorted(os.listdir(data["test_images"]))]
             t_inf = _cached(os.path.join(rdir, "run.json"), "inference_s", expected, lambda: _bundle_run(
                 ["inference.json"],
-                dict(CPU_NETWORK, dataset_dir=data["test_images"], output_dir=pred_dir, ckpt_path=ckpt,
+                dict(net, dataset_dir=data["test_images"], output_dir=pred_dir, ckpt_path=ckpt,
                      patch_size=[int(v) for v in inference_roi], min_size=int(min_object_size)),
                 os.path.join(logs, f"{name}_inference.log"), threads))
             s = score(pred_dir, data["test"], min_object_size=int(min_object_size))
@@ -265,7 +272,7 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
     setup = {
         "downsample": downsample, "iterations": per_epoch * 3, "pretrain_iterations": pre_epoch * 3,
         "batch_size": batch_size, "patch": patch, "learning_rate": learning_rate, "threads": threads,
-        "network": CPU_NETWORK, "n_synthetic": n_synthetic, "shots": shots, "seed": seed,
+        "network": net, "n_synthetic": n_synthetic, "shots": shots, "seed": seed,
         "inference_roi": [int(v) for v in inference_roi], "min_object_size": int(min_object_size),
         "stage0_val_pearson": pearson[-1] if pearson else None,
         "command": "python scripts/benchmark_isl_cell.py " + " ".join(sys.argv[1:]),
