@@ -55,6 +55,8 @@ __all__ = [
     "instances_connected_components",
     "instances_watershed",
     "instances_from_prediction",
+    "colour_change",
+    "split_by_reporter_change",
     "SemanticToInstancesd",
     "evaluation_score",
     "segmentation_report",
@@ -343,6 +345,84 @@ def instances_watershed(pred, spacing=(1.0, 1.0, 1.0), h_um: float = 1.0, min_si
         dist = dist * prob
     labels = hmaxima_watershed(dist, mask, h=float(h_um), connectivity=1)
     return _size_filter(labels, min_size)
+
+
+def _slice_medians(image: np.ndarray, labels: np.ndarray, z: int, ids: np.ndarray) -> np.ndarray:
+    """``(len(ids), C)`` per-channel medians of the cross-sections ``labels[z] == id`` in ``image[:, z]``."""
+    return np.stack([np.atleast_1d(ndi.median(image[c, z], labels[z], ids)) for c in range(image.shape[0])], 1)
+
+
+def colour_change(a, b, floor) -> np.ndarray:
+    """Largest relative change of per-channel levels between two cross-sections.
+
+    ``max_c |a_c - b_c| / max(a_c, b_c, floor_c)``; ``floor_c`` (same units as the levels, e.g.
+    background-subtracted photo-electrons) keeps a reporter that is off in both (levels near 0)
+    from counting as a large relative change.
+
+    Args:
+        a, b: ``(..., C)`` per-channel levels.
+        floor: ``(C,)`` smallest denominator per channel.
+
+    Returns:
+        ``(...)`` relative change (0 = same colour; 1 = on in one, off in the other).
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    den = np.maximum(np.maximum(a, b), np.asarray(floor, np.float64))
+    return np.max(np.abs(a - b) / den, axis=-1)
+
+
+def split_by_reporter_change(instances, image, tol: float = 0.45, floor_fraction: float = 0.25,
+                             background="auto", min_size: int = 0) -> np.ndarray:
+    """Cut instances along z where the per-slice colour (reporter and DNA levels) changes.
+
+    With z-steps as large as a nucleus (5 um here), nuclei stacked along z touch face to face; the
+    per-slice edge class cannot separate them and the watershed on the distance transform merges
+    them. The FUCCI reporters and the DNA stain are (nearly) uniform within a nucleus, while
+    stacked neighbours differ in phase or level, so an instance is cut between slices ``z`` and
+    ``z + 1`` when :func:`colour_change` of the medians of its two cross-sections exceeds ``tol``;
+    every run of uncut slices becomes its own instance.
+
+    Args:
+        instances: ``ZYX`` labels (e.g. :func:`instances_watershed`).
+        image: ``CZYX`` raw intensities, all channels used (Cy3, GFP, Hoechst).
+        tol: largest relative change kept within one nucleus (on the training spheroids of
+            ``scripts/fucci_synthetic_experiment.py`` the same nucleus changes by < 0.3 between
+            slices in 90% of cases, stacked different nuclei by > 0.3 in 90%).
+        floor_fraction: ``floor_c`` of :func:`colour_change` as a fraction of the channel's 95th
+            percentile (background-subtracted) inside the instances.
+        background: as :func:`nucleus_table` (``"auto"``: median away from the instances).
+        min_size: drop resulting instances with fewer voxels.
+
+    Returns:
+        ``ZYX`` int32 labels 1..n.
+    """
+    lab = _labels3d(instances, "instances")
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3:
+        img = img[None]
+    if img.shape[1:] != lab.shape:
+        raise ValueError(f"image must be CZYX with the labels' shape {lab.shape}, got {img.shape}")
+    out = lab.copy()
+    if not lab.any():
+        return out.astype(np.int32)
+    img = img - _background_levels(img, lab, background)[:, None, None, None]
+    floor = float(floor_fraction) * np.array([np.percentile(img[c][lab > 0], 95) for c in range(img.shape[0])])
+    floor = np.maximum(floor, 1e-12)
+    nxt = int(lab.max()) + 1
+    for k, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None or box[0].stop - box[0].start < 2:
+            continue
+        sub, im = lab[box], img[(slice(None),) + box]
+        zs = [z for z in range(sub.shape[0]) if (sub[z] == k).any()]
+        med = {z: _slice_medians(im, sub, z, np.array([k]))[0] for z in zs}
+        piece = k
+        for z0, z1 in zip(zs[:-1], zs[1:]):
+            if z1 != z0 + 1 or colour_change(med[z0], med[z1], floor) > tol:
+                piece, nxt = nxt, nxt + 1
+            if piece != k:
+                dst = out[box][z1]
+                dst[sub[z1] == k] = piece
+    return _size_filter(out, min_size)
 
 
 def instances_from_prediction(pred, method: str = "watershed", spacing=(1.0, 1.0, 1.0), h_um: float = 1.0,

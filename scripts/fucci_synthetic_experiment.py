@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """unet3d_fucci on synthetic FUCCI spheroids: segmentation, then the cell-cycle phase of every nucleus.
 
-    python scripts/fucci_synthetic_experiment.py --seed 10          # ~8 min on a shared 2-core CPU, 1 thread
+    python scripts/fucci_synthetic_experiment.py --seed 10 --threads 1   # ~8 min on a shared 2-core CPU
     python scripts/fucci_synthetic_experiment.py --epochs 1 --epoch_length 3 --out_dir fucci_syn_smoke
 
 Data: :func:`common.synthetic.make_fucci_spheroid` spheroids (channels Cy3, GFP, Hoechst; a known
@@ -11,7 +11,9 @@ phase per nucleus; dense packing; dimming with depth; 5 um z-steps), ``n_train``
 Steps: ground truth (:func:`common.fucci.prepare_ground_truth`), training of the bundle on the
 three channels (``train.json``; weighted CE [1, 3, 2]; a small network and budget for the CPU, no
 pooling along z), inference on the held-out spheroids (``inference.json``, watershed and
-connected-component instances), phase calls (:func:`common.fucci.nucleus_table` +
+connected-component instances; the watershed instances are also cut along z where the per-slice
+colour changes, :func:`common.fucci.split_by_reporter_change`, which separates nuclei stacked
+along z), phase calls (:func:`common.fucci.nucleus_table` +
 :func:`common.fucci.assign_phases`, one Otsu threshold per reporter over all test spheroids), and
 the comparison with the truth (:func:`common.fucci.phase_agreement`): accuracy over the correctly
 segmented nuclei (matched at IoU >= 0.5) and the largest difference between the predicted and true
@@ -39,8 +41,9 @@ BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
 
 def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 128, 128),
          spacing=(5.0, 0.5, 0.5), n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2,
-         epochs: int = 15, epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 0.25, min_size: int = 30,
-         input_channels=(0, 1, 2), statistic: str = "median", threads: int = 1, seed: int = 0):
+         epochs: int = 60, epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 0.25,
+         min_volume_um3: float = 60.0, colour_tol: float = 0.45, input_channels=(0, 1, 2), statistic: str = "median",
+         threads: int = 1, seed: int = 0):
     """Train, segment, call phases, compare with the truth; prints the table and the report path.
 
     Args:
@@ -51,7 +54,10 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
             (paper: features [64, 128, 256], lr 1e-4; smaller and faster for the CPU).
         h_um: minimal dynamic of a watershed seed (um); these nuclei are small (3.5-5.5 um long
             semi-axis) and span 1-2 slices, hence a lower value than the bundle's 1 um.
-        min_size: smallest instance kept (voxels).
+        min_volume_um3: smallest instance kept (um^3): ~3/4 of the smallest synthetic nucleus
+            (semi-axes 3.5 x 2.6 x 2.1 um, 81 um^3); 48 voxels at 5 x 0.5 x 0.5 um.
+        colour_tol: :func:`common.fucci.split_by_reporter_change` tolerance for the
+            ``watershed + colour split`` instances (cut along z where the per-slice colour changes).
         input_channels: image channels fed to the network (0 Cy3, 1 GFP, 2 Hoechst).
         statistic: per-nucleus ``median`` or ``mean`` reporter levels (see :func:`common.fucci.nucleus_table`).
         seed: data seed (spheroid ``i`` uses ``seed + i``).
@@ -61,7 +67,7 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     from monai.bundle import run
 
     from common.fucci import (PHASE_NAMES, assign_phases, nucleus_table, phase_agreement, prepare_ground_truth,
-                              save_phase_plot, write_ground_truth)
+                              save_phase_plot, split_by_reporter_change, write_ground_truth)
     from common.io import read_image
     from common.report import markdown_table, write_json
     from common.synthetic import write_fucci_dataset
@@ -73,6 +79,7 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     features, patch = [int(f) for f in features], [int(p) for p in patch]
+    min_size = int(np.ceil(float(min_volume_um3) / float(np.prod(spacing))))  # voxels
 
     print(f"[1/5] {n_train} + {n_test} synthetic FUCCI spheroids {shape} at {spacing} um, {n_nuclei} nuclei each")
     manifest = write_fucci_dataset(data, n_spheroids=n_train + n_test, shape=shape, n_nuclei=n_nuclei, seed=seed,
@@ -119,6 +126,8 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     for method in methods:
         sources[f"U-Net + {method}"] = (lambda it, m=method: read_image(os.path.join(
             out_dir, f"pred_{m}", os.path.basename(it["image"]).replace(".ome.tif", "_instances.ome.tif")))[0][0])
+    sources["U-Net + watershed + colour split"] = lambda it: split_by_reporter_change(
+        sources["U-Net + watershed"](it), read_image(it["image"])[0], tol=colour_tol, min_size=min_size)
     for src, load in sources.items():
         labs = [load(it).astype(np.int64) for it in test]
         tables = []
@@ -147,7 +156,8 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
                         "n_nuclei": n_nuclei,
                         "features": features, "patch": patch, "batch_size": batch_size, "epochs": epochs,
                         "epoch_length": epoch_length, "learning_rate": learning_rate, "h_um": h_um, "seed": seed,
-                        "min_size": min_size, "input_channels": net["input_channels"], "statistic": statistic,
+                        "min_volume_um3": min_volume_um3, "min_size": min_size, "colour_tol": colour_tol,
+                        "input_channels": net["input_channels"], "statistic": statistic,
                         "torch_threads": torch.get_num_threads(), "train_seconds": round(t_train, 1)}
 
     print("[5/5] report")

@@ -61,10 +61,11 @@ PRESETS = {
     "gpu": {
         "threads": 3,
         "fnet": dict(n_train=8, shape=(48, 160, 160), mult_chan=32, patch_size=(32, 64, 64), batch_size=24,
-                     iterations=600, epochs=4, lr=1e-3),
-        "isl_nucleus": dict(network="paper", tile=256, stage0_iterations=1500, iterations=600, batch_size=8,
-                            patch_size=256, learning_rate=1e-4),
-        "isl_cell": dict(network="paper", iterations=900, pretrain_iterations=900, batch_size=8, patch=256,
+                     iterations=400, epochs=4, lr=1e-3),
+        # sigmoid_a 5: stage-1 fine-tuning with a = 1 stalls (bundle README, "Stage 1, few-shot")
+        "isl_nucleus": dict(network="paper", tile=128, stage0_iterations=800, iterations=300, batch_size=8,
+                            patch_size=128, learning_rate=1e-3, net_overrides={"sigmoid_a": 5.0}),
+        "isl_cell": dict(network="paper", iterations=600, pretrain_iterations=600, batch_size=8, patch=256,
                          learning_rate=1e-3),
         "fucci": dict(downsample=1, features=(64, 128, 256), patch=(16, 128, 128), batch_size=8, epochs=8,
                       epoch_length=100, learning_rate=3e-4),
@@ -256,18 +257,19 @@ def train_isl_nucleus(out_dir: str, preset: dict, data_dir: str | None = None) -
     res = isl_fewshot.run(out_dir=work, data_dir=data_dir, network=p["network"], ns=[n_pool], inits=["isl"],
                           stage0_iterations=p["stage0_iterations"], iterations=p["iterations"],
                           batch_size=p["batch_size"], patch_size=p["patch_size"], learning_rate=p["learning_rate"],
-                          threads=preset["threads"], preview=False)
+                          threads=preset["threads"], net_overrides=p.get("net_overrides"), preview=False)
     seconds = time.time() - t0
     row = res["fewshot"][0]
     metrics = {"aisegcell_heldout_stage0_pearson_r": _r(res["stage0"]["val_pearson"]),
                "aisegcell_heldout_stage0_only_iou": _r(res["zero_shot"]["val_iou"]),
                "aisegcell_heldout_iou": _r(row["test_iou"])}
-    overrides = dict(isl_fewshot.NETWORKS[p["network"]], in_channels=res["config"]["in_channels"])
+    overrides = dict(isl_fewshot.NETWORKS[p["network"]], in_channels=res["config"]["in_channels"],
+                     **(p.get("net_overrides") or {}))
     record = {"trained_on": f"{DATA_CREDITS['aisegcell']}: field p0001, 2x block-mean downsampled; "
                             f"stage 1 on its {n_pool} tiles of {p['tile']}^2; test: the two other fig3a fields",
               "budget": f"stage 0 {p['stage0_iterations']} + stage 1 {p['iterations']} iterations of batch "
                         f"{p['batch_size']}, crops {p['patch_size']}^2, Adam lr {p['learning_rate']}, network "
-                        f"{p['network']}; {seconds:.0f} s wall",
+                        f"{p['network']}, overrides {p.get('net_overrides') or {}}; {seconds:.0f} s wall",
               "command": "python scripts/isl_fewshot.py (via scripts/train_pretrained.py)",
               "train_seconds": round(seconds, 1),
               "note": "inputs are 2x block-mean downsampled brightfield fields; downsample new images the same way"}

@@ -258,6 +258,46 @@ def test_watershed_splits_touching_nuclei_that_connected_components_merge():
         F.instances_from_prediction(prob, method="magic")
 
 
+def test_colour_change_by_hand():
+    a, b = np.array([10.0, 0.0, 5.0]), np.array([5.0, 0.0, 5.0])
+    assert F.colour_change(a, b, [1.0, 1.0, 1.0]) == pytest.approx(0.5)  # |10 - 5| / 10
+    assert F.colour_change(a, b, [20.0, 1.0, 1.0]) == pytest.approx(0.25)  # |10 - 5| / floor 20
+    assert F.colour_change(a, a, [1.0, 1.0, 1.0]) == 0.0
+    # off in both (leakage 0.5 vs 0): the floor keeps it small; on vs off is 1
+    assert F.colour_change([0.5, 100.0], [0.0, 0.0], [25.0, 25.0]) == pytest.approx(1.0)
+    assert F.colour_change([[0.5, 100.0]], [[0.0, 100.0]], [25.0, 25.0]).tolist() == [pytest.approx(0.02)]
+
+
+def test_split_by_reporter_change_cuts_stacked_nuclei_of_different_colour():
+    lab = np.zeros((6, 8, 12), np.int32)
+    lab[0:4, 2:6, 1:5] = 1  # slices 0-1 red, 2-3 green: two stacked nuclei merged into one instance
+    lab[0:3, 2:6, 7:11] = 2  # one red nucleus over 3 slices, 10% dimmer per slice: kept
+    lab[5, 2:4, 1:3] = 3  # one slice only: never cut
+    img = np.zeros((2, 6, 8, 12))
+    img[0][lab == 1] = 100.0
+    img[0, 2:4][lab[2:4] == 1] = 0.0
+    img[1, 2:4][lab[2:4] == 1] = 100.0
+    for z in range(3):
+        img[0, z][lab[z] == 2] = 100.0 * 0.9 ** z
+    img[:, 5][:, lab[5] == 3] = 50.0
+    out = F.split_by_reporter_change(lab, img, tol=0.45, background=0.0)
+    assert out.dtype == np.int32 and out.max() == 4
+    assert len(np.unique(out[0:2][lab[0:2] == 1])) == 1 and len(np.unique(out[2:4][lab[2:4] == 1])) == 1
+    assert out[0, 3, 2] != out[2, 3, 2]  # the cut lies between slices 1 and 2
+    assert len(np.unique(out[lab == 2])) == 1 and len(np.unique(out[lab == 3])) == 1
+    np.testing.assert_array_equal(out > 0, lab > 0)  # only labels change, never the foreground
+    # a tolerance above every change keeps the input; min_size drops the 4-voxel one-slice nucleus
+    keep = F.split_by_reporter_change(lab, img, tol=1.5, background=0.0)
+    assert keep.max() == 3 and all(len(np.unique(keep[lab == k])) == 1 for k in (1, 2, 3))
+    assert F.split_by_reporter_change(lab, img, background=0.0, min_size=5).max() == 3
+    # a gap along z separates pieces of one label even without a colour change
+    gap = np.zeros((3, 4, 4), np.int32)
+    gap[0, :2, :2] = gap[2, :2, :2] = 1
+    assert F.split_by_reporter_change(gap, np.ones((1, 3, 4, 4)), background=0.0).max() == 2
+    with pytest.raises(ValueError, match="CZYX"):
+        F.split_by_reporter_change(lab, img[:, :3])
+
+
 def test_semantic_to_instances_transform_keeps_meta():
     _, prob = _two_touching_balls()
     p = MetaTensor(torch.as_tensor(prob), affine=torch.diag(torch.tensor([2.0, 0.5, 0.5, 1.0])),
