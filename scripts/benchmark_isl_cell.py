@@ -79,6 +79,14 @@ def _bundle_run(configs, overrides: dict, log_path: str, threads: int) -> float:
     return time.time() - t0
 
 
+def _spec_key(name: str, *specs: dict) -> str:
+    """``name`` tagged with a digest of the run's settings, so that a changed budget is not reused."""
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(specs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{name}:{digest}"
+
+
 def _cached(record: str, key: str, outputs: list, fn) -> float:
     """Seconds of ``fn()``, or of its earlier run when ``record`` holds ``key`` and all ``outputs`` exist."""
     done = json.load(open(record)) if os.path.isfile(record) else {}
@@ -230,12 +238,12 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
     pre_epoch = max(pretrain_iterations // 3, 1)
     stage0_dir = os.path.join(run_root, "stage0")
     stage0_ckpt = os.path.join(stage0_dir, "models", "model.pt")
-    timings["stage0_s"] = _cached(os.path.join(stage0_dir, "run.json"), "train_s", [stage0_ckpt], lambda: _bundle_run(
-        ["train.json", "pretrain.json"],
-        dict(common_ov, train_manifest=syn["pretrain_train"], val_manifest=syn["pretrain_val"],
-             ckpt_dir=os.path.join(stage0_dir, "models"), output_dir=os.path.join(stage0_dir, "runs"),
-             epoch_length=pre_epoch, num_epochs=3, val_interval=3),
-        os.path.join(logs, "stage0.log"), threads))
+    stage0_ov = dict(common_ov, train_manifest=syn["pretrain_train"], val_manifest=syn["pretrain_val"],
+                     ckpt_dir=os.path.join(stage0_dir, "models"), output_dir=os.path.join(stage0_dir, "runs"),
+                     epoch_length=pre_epoch, num_epochs=3, val_interval=3)
+    timings["stage0_s"] = _cached(os.path.join(stage0_dir, "run.json"), _spec_key("train_s", stage0_ov), [stage0_ckpt],
+                                  lambda: _bundle_run(["train.json", "pretrain.json"], stage0_ov,
+                                                      os.path.join(logs, "stage0.log"), threads))
     stage0_log = open(os.path.join(logs, "stage0.log")).read()
     pearson = [float(line.split("val_pearson: ")[1].split()[0]) for line in stage0_log.splitlines()
                if "Metrics --" in line and "val_pearson: " in line]
@@ -252,17 +260,18 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
             if arm == "isl":
                 ov["stage0_ckpt"] = stage0_ckpt
             ckpt = os.path.join(rdir, "models", "model.pt")
-            t_train = _cached(os.path.join(rdir, "run.json"), "train_s", [ckpt], lambda: _bundle_run(
+            train_key = _spec_key("train_s", ov, stage0_ov if arm == "isl" else None)
+            t_train = _cached(os.path.join(rdir, "run.json"), train_key, [ckpt], lambda: _bundle_run(
                 ["train.json"], ov, os.path.join(logs, f"{name}_train.log"), threads))
             step(f"inference {name} on {data['test_images']}")
             pred_dir = os.path.join(rdir, "test_pred")
             expected = [os.path.join(pred_dir, n.replace(".ome.tif", "_instances.ome.tif"))
                         for n in sorted(os.listdir(data["test_images"]))]
-            t_inf = _cached(os.path.join(rdir, "run.json"), "inference_s", expected, lambda: _bundle_run(
-                ["inference.json"],
-                dict(net, dataset_dir=data["test_images"], output_dir=pred_dir, ckpt_path=ckpt,
-                     patch_size=[int(v) for v in inference_roi], min_size=int(min_object_size)),
-                os.path.join(logs, f"{name}_inference.log"), threads))
+            inf_ov = dict(net, dataset_dir=data["test_images"], output_dir=pred_dir, ckpt_path=ckpt,
+                          patch_size=[int(v) for v in inference_roi], min_size=int(min_object_size))
+            t_inf = _cached(os.path.join(rdir, "run.json"), _spec_key("inference_s", train_key, inf_ov), expected,
+                            lambda: _bundle_run(["inference.json"], inf_ov, os.path.join(logs, f"{name}_inference.log"),
+                                                threads))
             s = score(pred_dir, data["test"], min_object_size=int(min_object_size))
             s.update(arm=arm, n_train=n, train_s=round(t_train, 1), inference_s=round(t_inf, 1))
             results.append(s)

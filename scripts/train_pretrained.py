@@ -117,11 +117,11 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: str, obj, indent: int = 4) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=indent)
         f.write("\n")
     os.replace(tmp, path)
 
