@@ -1,7 +1,8 @@
 """Throughput, memory and scaling of the zoo's hot paths, each optimised path next to its reference.
 
-    python scripts/benchmark.py                         # the issue's sizes (profile "full")
-    python scripts/benchmark.py --profile small         # reduced sizes for a busy or small CPU
+    python scripts/benchmark.py                         # profile "auto": "full" on a GPU, "small" on a CPU
+    python scripts/benchmark.py --profile full          # the issue's sizes (hours on a 2-core CPU)
+    python scripts/benchmark.py --profile small         # a quarter of the compute; under 10 min on 2 cores
     python scripts/benchmark.py --profile quick         # seconds; what the tests run
     python scripts/benchmark.py --only fnet_train,fnet_infer --threads 2 --out bench.json
     python scripts/benchmark.py quality                 # bf16 vs fp32: validation Pearson r after N steps
@@ -719,13 +720,15 @@ def section_ddp(p: dict, threads, rows: list) -> None:
 
 # ------------------------------------------------------------------------------------- commands
 
-def run(profile: str = "full", only: str | None = None, skip: str | None = None, threads: int | None = None,
+def run(profile: str = "auto", only: str | None = None, skip: str | None = None, threads: int | None = None,
         warmup: int = 1, device: str = "auto", out: str | None = None, compile_infer: bool | None = None,
         compile_train: bool = False, ablation: bool = False, sw_repeats: int = 1, sizes: str | None = None) -> None:
     """Run the benchmark and print the table (``--out``: also write it as JSON).
 
     Args:
-        profile: ``full`` (the issue's sizes), ``small`` (about a quarter of the compute) or ``quick`` (tests).
+        profile: ``full`` (the issue's sizes), ``small`` (about a quarter of the compute), ``quick`` (tests) or
+            ``auto`` (``full`` when the benchmark runs on a GPU, ``small`` on a CPU, where the full sizes take
+            hours on 2 cores).
         only: comma-separated sections to run (default all): fnet_train, fnet_infer, scaling, densenet2d,
             unet3d, loader, ddp.
         skip: comma-separated sections to leave out.
@@ -745,8 +748,11 @@ def run(profile: str = "full", only: str | None = None, skip: str | None = None,
 
     from common.report import write_json
 
+    on_gpu = torch.cuda.is_available() and device in ("auto", "cuda")
+    if profile == "auto":
+        profile = "full" if on_gpu else "small"
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES) + ['auto']}")
     p = dict(PROFILES[profile])
     if sizes:
         p["scaling"] = tuple(tuple(int(v) for v in str(sz).lower().split("x")) for sz in _parse_list(sizes))
