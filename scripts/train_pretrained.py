@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -110,11 +109,9 @@ def _log(msg: str) -> None:
 
 
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from package_bundles import sha256_file
+
+    return sha256_file(path)
 
 
 def _write_json(path: str, obj, indent: int = 4) -> None:
