@@ -188,9 +188,9 @@ def otsu_watershed(
 def hmaxima_watershed(distance, mask=None, h=0.5, reconstruct=False, connectivity=1):
     """Watershed of a (predicted) distance map seeded by its h-maxima.
 
-    Let ``f`` be ``distance`` inside ``mask`` and ``min(f[mask]) - h`` outside it
-    (so that separate mask components never share a marker and each has at least
-    one), and ``HMAX_h(f) = R^delta_f(f - h)`` the reconstruction by dilation of
+    Let ``f`` be ``distance`` inside ``mask`` and ``min(f[mask]) - 2 h`` outside it
+    and on a one-voxel frame around the image (so that separate mask components never
+    share a marker and each has at least one), and ``HMAX_h(f) = R^delta_f(f - h)`` the reconstruction by dilation of
     ``f - h`` under ``f`` (every peak lowered by ``h``, or to its saddle).
 
     * ``reconstruct=False`` (default): markers = connected components of
@@ -248,13 +248,17 @@ def hmaxima_watershed(distance, mask=None, h=0.5, reconstruct=False, connectivit
     if not mask.any():
         return np.zeros(d.shape, dtype=np.int32)
     footprint = ndi.generate_binary_structure(d.ndim, connectivity)
-    f = np.where(mask, d, d[mask].min() - h)
+    # background (and a one-voxel frame) at 2 h below the lowest foreground value: every mask
+    # component then has a marker, also a flat one and one that touches every border of the image
+    low = d[mask].min() - 2 * h
+    f = np.pad(np.where(mask, d, low), 1, mode="constant", constant_values=low)
+    inner = tuple(slice(1, -1) for _ in range(d.ndim))
     if reconstruct:
         hmax = reconstruction(f - h, f, method="dilation", footprint=footprint)
-        peaks = local_maxima(hmax, footprint=footprint, allow_borders=True) & mask
-        relief = -hmax
+        peaks = local_maxima(hmax, footprint=footprint, allow_borders=True)[inner] & mask
+        relief = -hmax[inner]
     else:
-        peaks = h_maxima(f, h, footprint=footprint).astype(bool) & mask
+        peaks = h_maxima(f, h, footprint=footprint).astype(bool)[inner] & mask
         relief = -d
     markers = label(peaks, connectivity=connectivity)
     labels = watershed(relief, markers, mask=mask, connectivity=connectivity)

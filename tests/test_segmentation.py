@@ -148,3 +148,17 @@ def test_cellpose_segment_wiring_with_untrained_weights(tmp_path):
     img = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     lab = S.cellpose_segment(img, str(path), diameter=30)
     assert lab.shape == (64, 64) and lab.dtype == np.int32
+
+
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_hmaxima_watershed_mask_covering_the_whole_image(reconstruct):
+    """A mask that touches every border still gets a marker per component (no background below it)."""
+    flat = np.full((6, 7), 0.3)
+    lab = S.hmaxima_watershed(flat, np.ones_like(flat, bool), h=0.5, reconstruct=reconstruct)
+    assert lab.min() == 1 and lab.max() == 1
+    ramp = np.tile(np.linspace(0.0, 0.2, 7), (6, 1))  # dynamic 0.2 < h: one object
+    lab = S.hmaxima_watershed(ramp, np.ones_like(ramp, bool), h=0.5, reconstruct=reconstruct)
+    assert (lab == 1).all()
+    z = np.zeros((2, 5, 5))
+    z[0], z[1] = 0.1, 0.4  # 3D, whole volume: one object
+    assert (S.hmaxima_watershed(z, np.ones(z.shape, bool), h=0.5, reconstruct=reconstruct) == 1).all()
