@@ -13,7 +13,8 @@ three channels (``train.json``; weighted CE [1, 3, 2]; a small network and budge
 pooling along z), inference on the held-out spheroids (``inference.json``, watershed and
 connected-component instances; the watershed instances are also cut along z where the per-slice
 colour changes, :func:`common.fucci.split_by_reporter_change`, which separates nuclei stacked
-along z), phase calls (:func:`common.fucci.nucleus_table` +
+along z, and then touching same-colour pieces that fit one nucleus are merged again,
+:func:`common.fucci.merge_oversplit`, which undoes over-segmentation), phase calls (:func:`common.fucci.nucleus_table` +
 :func:`common.fucci.assign_phases`, one Otsu threshold per reporter over all test spheroids), and
 the comparison with the truth (:func:`common.fucci.phase_agreement`): accuracy over the correctly
 segmented nuclei (matched at IoU >= 0.5) and the largest difference between the predicted and true
@@ -42,7 +43,8 @@ BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
 def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 128, 128),
          spacing=(5.0, 0.5, 0.5), n_nuclei: int = 40, features=(16, 32, 64), patch=(8, 64, 64), batch_size: int = 2,
          epochs: int = 60, epoch_length: int = 20, learning_rate: float = 1e-3, h_um: float = 0.25,
-         min_volume_um3: float = 60.0, colour_tol: float = 0.45, input_channels=(0, 1, 2), statistic: str = "median",
+         min_volume_um3: float = 60.0, colour_tol: float = 0.45, merge_percentile: float = 50.0,
+         fragment_percentile: float = 0.0, input_channels=(0, 1, 2), statistic: str = "median",
          threads: int = 1, seed: int = 0):
     """Train, segment, call phases, compare with the truth; prints the table and the report path.
 
@@ -57,7 +59,14 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
         min_volume_um3: smallest instance kept (um^3): ~3/4 of the smallest synthetic nucleus
             (semi-axes 3.5 x 2.6 x 2.1 um, 81 um^3); 48 voxels at 5 x 0.5 x 0.5 um.
         colour_tol: :func:`common.fucci.split_by_reporter_change` tolerance for the
-            ``watershed + colour split`` instances (cut along z where the per-slice colour changes).
+            ``watershed + colour split`` instances (cut along z where the per-slice colour changes);
+            also the colour tolerance of the ``+ merge`` step.
+        merge_percentile, fragment_percentile: :func:`common.fucci.merge_oversplit` bounds for the
+            ``watershed + colour split + merge`` instances, as percentiles of the nucleus-class
+            volumes of the true nuclei of the *training* spheroids: touching same-colour pieces
+            whose union is at most the ``merge_percentile`` volume (50: a typical nucleus) are
+            merged, and pieces below the ``fragment_percentile`` volume (0: smaller than every
+            training nucleus) join their same-colour neighbour.
         input_channels: image channels fed to the network (0 Cy3, 1 GFP, 2 Hoechst).
         statistic: per-nucleus ``median`` or ``mean`` reporter levels (see :func:`common.fucci.nucleus_table`).
         seed: data seed (spheroid ``i`` uses ``seed + i``).
@@ -66,8 +75,8 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     import torch
     from monai.bundle import run
 
-    from common.fucci import (PHASE_NAMES, assign_phases, nucleus_table, phase_agreement, prepare_ground_truth,
-                              save_phase_plot, split_by_reporter_change, write_ground_truth)
+    from common.fucci import (NUCLEUS, PHASE_NAMES, assign_phases, nucleus_table, phase_agreement, prepare_ground_truth,
+                              merge_oversplit, save_phase_plot, split_by_reporter_change, write_ground_truth)
     from common.io import read_image
     from common.report import markdown_table, write_json
     from common.synthetic import write_fucci_dataset
@@ -85,11 +94,14 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     manifest = write_fucci_dataset(data, n_spheroids=n_train + n_test, shape=shape, n_nuclei=n_nuclei, seed=seed,
                                    spacing_um=spacing)
     rows = list(csv.DictReader(open(manifest)))
-    items = []
+    items, train_volumes = [], []
     for i, r in enumerate(rows):
         lab, spacing, _ = read_image(os.path.join(data, r["path_label"]))
         sem, inst = prepare_ground_truth(lab[0].astype(np.int64))
         s_path, i_path = write_ground_truth(data, f"gt_{i:02d}", sem, inst, spacing)
+        if i < n_train:  # nucleus-class volume (um^3) of every true training nucleus: merge bounds
+            vox = np.bincount(np.asarray(inst)[np.asarray(sem) == NUCLEUS].ravel(), minlength=int(inst.max()) + 1)
+            train_volumes += list(vox[1:][vox[1:] > 0] * float(np.prod(spacing)))
         phases = {int(p["label"]): p["phase"] for p in csv.DictReader(open(os.path.join(data, r["path_phases"])))}
         items.append({"image": os.path.join(data, r["path_image"]), "semantic": s_path, "instances": i_path,
                       "phases": phases, "spacing": spacing})
@@ -128,6 +140,13 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
             out_dir, f"pred_{m}", os.path.basename(it["image"]).replace(".ome.tif", "_instances.ome.tif")))[0][0])
     sources["U-Net + watershed + colour split"] = lambda it: split_by_reporter_change(
         sources["U-Net + watershed"](it), read_image(it["image"])[0], tol=colour_tol, min_size=min_size)
+    merge_um3 = float(np.percentile(train_volumes, merge_percentile))
+    fragment_um3 = float(np.percentile(train_volumes, fragment_percentile))
+    sources["U-Net + watershed + colour split + merge"] = lambda it: merge_oversplit(
+        sources["U-Net + watershed + colour split"](it), read_image(it["image"])[0],
+        semantic=read_image(os.path.join(out_dir, "pred_watershed", os.path.basename(it["image"]).replace(
+            ".ome.tif", "_semantic.ome.tif")))[0][0], spacing=it["spacing"], tol=colour_tol,
+        max_volume_um3=merge_um3, fragment_um3=fragment_um3)
     for src, load in sources.items():
         labs = [load(it).astype(np.int64) for it in test]
         tables = []
@@ -157,6 +176,8 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
                         "features": features, "patch": patch, "batch_size": batch_size, "epochs": epochs,
                         "epoch_length": epoch_length, "learning_rate": learning_rate, "h_um": h_um, "seed": seed,
                         "min_volume_um3": min_volume_um3, "min_size": min_size, "colour_tol": colour_tol,
+                        "merge_percentile": merge_percentile, "fragment_percentile": fragment_percentile,
+                        "merge_max_volume_um3": round(merge_um3, 1), "merge_fragment_um3": round(fragment_um3, 1),
                         "input_channels": net["input_channels"], "statistic": statistic,
                         "torch_threads": torch.get_num_threads(), "train_seconds": round(t_train, 1)}
 

@@ -298,6 +298,84 @@ def test_split_by_reporter_change_cuts_stacked_nuclei_of_different_colour():
         F.split_by_reporter_change(lab, img[:, :3])
 
 
+def test_instance_contacts_areas_by_hand():
+    lab = np.zeros((2, 4, 6), np.int32)
+    lab[0, 0:2, 0:2] = 1
+    lab[0, 0:2, 2:4] = 2  # touches 1 along x on 2 rows: 2 faces of dz * dy = 5 * 0.5 um^2
+    lab[1, 0:2, 0:2] = 3  # on top of 1: 4 faces of dy * dx = 0.25 um^2
+    lab[0, 3, 0:2] = 4  # below 1 across an edge row: bridged, not touching
+    sem = np.zeros(lab.shape, np.uint8)
+    sem[0, 2, 0:2] = F.EDGE
+    c = F.instance_contacts(lab, sem, spacing=(5.0, 0.5, 0.5))
+    assert c[(1, 2)] == pytest.approx({"area": 5.0, "area_xy": 5.0, "area_edge": 0.0})
+    assert c[(1, 3)] == pytest.approx({"area": 1.0, "area_xy": 0.0, "area_edge": 0.0})
+    assert c[(1, 4)] == pytest.approx({"area": 0.0, "area_xy": 0.0, "area_edge": 5.0})
+    assert set(c) == {(1, 2), (1, 3), (1, 4)}  # 2 and 3 meet only along a voxel edge: no face
+    # probabilities give the same as their argmax; without a semantic map nothing is bridged
+    prob = np.stack([sem == k for k in range(3)]).astype(np.float32)
+    assert F.instance_contacts(lab, prob, spacing=(5.0, 0.5, 0.5)) == c
+    assert (1, 4) not in F.instance_contacts(lab, None, spacing=(5.0, 0.5, 0.5))
+    with pytest.raises(ValueError, match="semantic"):
+        F.instance_contacts(lab, sem[:, :3])
+
+
+def _oversplit_toy():
+    """Two halves of one red nucleus (1, 2), touching red / green nuclei (3, 4), a red 4-voxel
+    fragment on 3 (5) and two red pieces whose boundary the edge class mostly marks (6, 7)."""
+    lab = np.zeros((2, 11, 20), np.int32)
+    lab[0:2, 1:5, 1:4], lab[0:2, 1:5, 4:7] = 1, 2
+    lab[0:2, 1:5, 9:12], lab[0:2, 1:5, 12:15] = 3, 4
+    lab[0:2, 5, 9:11] = 5
+    lab[0:2, 7:10, 1:4], lab[0:2, 7:10, 5:8], lab[0, 9, 4] = 6, 7, 6
+    sem = np.where(lab > 0, F.NUCLEUS, F.BACKGROUND).astype(np.uint8)
+    sem[0, 7:9, 4] = sem[1, 7:10, 4] = F.EDGE  # 5 of the 6 in-plane boundary faces of 6 | 7 are edge
+    img = np.zeros((2,) + lab.shape)
+    img[0][np.isin(lab, (1, 2, 3, 5, 6, 7))] = 100.0
+    img[0][lab == 2] = 80.0  # same nucleus, a bit dimmer: colour change 0.2
+    img[1][lab == 4] = 100.0
+    return lab, sem, img
+
+
+def test_merge_oversplit_merges_halves_and_fragments_not_different_colours():
+    lab, sem, img = _oversplit_toy()
+    out = F.merge_oversplit(lab, img, sem, spacing=(1.0, 1.0, 1.0), tol=0.45, max_volume_um3=50.0,
+                            fragment_um3=10.0, background=0.0)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out > 0, lab > 0)  # only labels change, never the foreground
+    same = lambda *ks: len(np.unique(out[np.isin(lab, ks)])) == 1  # noqa: E731
+    assert same(1, 2)  # halves of one nucleus (24 + 24 <= 50 um^3, no edge, colour change 0.2)
+    assert not same(3, 4)  # touching, but red vs green
+    assert same(3, 5)  # the red fragment joins its red neighbour
+    assert not same(6, 7)  # 5/6 of their in-plane boundary is marked edge (19 + 18 <= 50 um^3)
+    assert out.max() == 5
+    # without the semantic map nothing marks the boundary of 6 and 7: merged
+    assert F.merge_oversplit(lab, img, None, spacing=1.0, max_volume_um3=50.0, background=0.0).max() == 4
+    assert F.merge_oversplit(lab, img, sem, max_volume_um3=50.0, max_edge_fraction=0.9, background=0.0).max() == 4
+    # a union bound below every pair leaves only the fragment rule: 5 joins 3, 1 and 2 stay apart
+    frag = F.merge_oversplit(lab, img, sem, max_volume_um3=1.0, fragment_um3=10.0, background=0.0)
+    assert frag.max() == 6 and len(np.unique(frag[np.isin(lab, (3, 5))])) == 1
+    assert F.merge_oversplit(lab, img, sem, max_volume_um3=1.0, fragment_um3=0.0, background=0.0).max() == 7
+    # a tolerance of 0.1 keeps the halves (change 0.2) apart
+    assert F.merge_oversplit(lab, img, sem, tol=0.1, max_volume_um3=50.0, background=0.0).max() == 6
+    # with voxels of 2 x 1 x 1 um the union of 1 and 2 is 96 um^3 > 50: kept apart (5, 8 um^3, joins 3)
+    assert F.merge_oversplit(lab, img, sem, spacing=(2.0, 1.0, 1.0), max_volume_um3=50.0, fragment_um3=10.0,
+                             background=0.0).max() == 6
+    assert F.merge_oversplit(np.zeros((2, 3, 3), int), np.zeros((1, 2, 3, 3))).max() == 0
+
+
+def test_merge_oversplit_rejects_bad_arguments():
+    lab, sem, img = _oversplit_toy()
+    with pytest.raises(ValueError, match="CZYX"):
+        F.merge_oversplit(lab, img[:, :, :5])
+    with pytest.raises(ValueError, match="semantic"):
+        F.merge_oversplit(lab, img, sem[:, :5], background=0.0)
+    with pytest.raises(ValueError, match="ZYX label"):
+        F.merge_oversplit(lab[0], img)
+    for bad in ({"tol": -0.1}, {"max_volume_um3": 0.0}, {"fragment_um3": -1.0}, {"max_edge_fraction": 1.5}):
+        with pytest.raises(ValueError, match="need tol"):
+            F.merge_oversplit(lab, img, sem, background=0.0, **bad)
+
+
 def test_semantic_to_instances_transform_keeps_meta():
     _, prob = _two_touching_balls()
     p = MetaTensor(torch.as_tensor(prob), affine=torch.diag(torch.tensor([2.0, 0.5, 0.5, 1.0])),
