@@ -613,3 +613,33 @@ def test_median_levels_resist_segmentation_spill_over():
     by_median, _ = F.nucleus_table(lab, img, background=None, thresholds=th)
     assert by_mean["mean_GFP"].item() == pytest.approx(30.0) and by_mean["phase"].item() == "G1/S"
     assert by_median["median_GFP"].item() == 0.0 and by_median["phase"].item() == "G1"
+
+
+def test_phase_analysis_script_merges_an_oversplit_nucleus(tmp_path):
+    """``--merge_max_um3``: a true nucleus cut in two is one nucleus again; other nuclei stay apart."""
+    import pandas as pd
+
+    from common.io import read_image, write_ome_tiff
+    from common.synthetic import make_fucci_spheroid
+
+    spec = importlib.util.spec_from_file_location("fucci_phase_analysis",
+                                                  os.path.join(ROOT, "scripts", "fucci_phase_analysis.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = make_fucci_spheroid(shape=(12, 64, 64), n_nuclei=12, spacing_um=(5.0, 1.0, 1.0), seed=3)
+    lab = d["labels"].astype(np.int64)
+    ids, counts = np.unique(lab[lab > 0], return_counts=True)
+    big = int(ids[np.argmax(counts)])
+    zz, yy, xx = np.nonzero(lab == big)
+    cut = (xx >= np.median(xx))
+    lab[zz[cut], yy[cut], xx[cut]] = lab.max() + 1  # over-split the largest nucleus along x
+    write_ome_tiff(tmp_path / "img" / "s.ome.tif", d["image"], "CZYX", d["spacing_um"])
+    write_ome_tiff(tmp_path / "lab" / "s_instances.ome.tif", lab.astype(np.uint16), "ZYX", d["spacing_um"])
+    mod.analyse(str(tmp_path / "img"), str(tmp_path / "lab"), str(tmp_path / "plain"))
+    assert len(pd.read_csv(tmp_path / "plain" / "nuclei.csv")) == len(ids) + 1
+    vol_um3 = counts.max() * float(np.prod(d["spacing_um"]))
+    mod.analyse(str(tmp_path / "img"), str(tmp_path / "lab"), str(tmp_path / "merged"), merge_max_um3=1.01 * vol_um3)
+    assert len(pd.read_csv(tmp_path / "merged" / "nuclei.csv")) == len(ids)
+    refined = read_image(str(tmp_path / "merged" / "s_refined_instances.ome.tif"), spatial_dims=3)[0][0]
+    assert len(np.unique(refined[lab == big])) == 1 and len(np.unique(refined[lab == lab.max()])) == 1
+    assert refined[lab == big][0] == refined[lab == lab.max()][0]  # the two halves are one instance again
