@@ -40,6 +40,8 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from common.cli import as_bool
+
 __all__ = [
     "memory_format_for",
     "to_memory_format",
@@ -74,8 +76,8 @@ def to_memory_format(x: torch.Tensor, channels_last: bool = True) -> torch.Tenso
 def set_memory_format(module: nn.Module, channels_last: bool = True) -> nn.Module:
     """Convert ``module``'s 4D/5D parameters and buffers (conv weights) to channels-last, in place
     (``Parameter`` objects are kept, so an optimizer built on them stays valid). Returns ``module``.
-    ``channels_last=False`` leaves the module as it is (the config switch's off state)."""
-    if not channels_last:
+    ``channels_last=False`` (or ``'false'``, ``0``) leaves the module as it is (the config switch's off state)."""
+    if not as_bool(channels_last, "channels_last"):
         return module
     return module._apply(lambda t: t.contiguous(memory_format=memory_format_for(t.ndim)) if t.ndim in (4, 5) else t)
 
@@ -220,11 +222,11 @@ class _FastPath:
 
     def _init_fast(self, bf16_cpu: bool, channels_last: bool, fuse_bn: bool, compile: bool,
                    bf16_cuda: bool = False) -> None:
-        self.bf16_cpu = bool(bf16_cpu)
-        self.bf16_cuda = bool(bf16_cuda)
-        self.channels_last = bool(channels_last)
-        self.fuse_bn = bool(fuse_bn)
-        self.compile = bool(compile)
+        self.bf16_cpu = as_bool(bf16_cpu, "bf16_cpu")  # also the strings a command line gives ('false')
+        self.bf16_cuda = as_bool(bf16_cuda, "bf16_cuda")
+        self.channels_last = as_bool(channels_last, "channels_last")
+        self.fuse_bn = as_bool(fuse_bn, "fuse_bn")
+        self.compile = as_bool(compile, "compile")
         self._cache: tuple | None = None  # (id(network), weights_version, device type, prepared)
 
     def _autocast_on(self, device_type: str) -> bool:
