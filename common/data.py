@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 
 from common.io import ImageReadError, read_image
 
-__all__ = ["ManifestError", "read_manifest", "validate_records", "load_manifest", "list_images", "RandomPatchDataset"]
+__all__ = ["ManifestError", "read_manifest", "validate_records", "load_manifest", "list_images", "RandomPatchDataset",
+           "write_manifest", "split_rows", "split_manifest"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz")
 
@@ -129,13 +130,14 @@ def load_manifest(csv_path: str | os.PathLike, keys: Mapping[str, str] | None = 
 
 
 def list_images(source: str | os.PathLike, key: str = "image", column: str = "path_signal", spatial_dims: int = 3,
-                validate: bool = True, pattern: str | None = None) -> list[dict]:
+                validate: bool = True, pattern: str | None = None, channels: int | None = None) -> list[dict]:
     """Inputs for inference: ``[{key: path}, ...]`` from a folder of images, a CSV manifest
     (its ``column``) or a single image file. Every file is opened and checked first.
 
     Args:
         source: folder, ``.csv`` manifest or image file.
         pattern: substring a file name in a folder must contain (e.g. ``"signal"``), optional.
+        channels: the number of channels every image must have (the network's input), optional.
     """
     source = str(source)
     if source.lower().endswith(".csv"):
@@ -152,8 +154,174 @@ def list_images(source: str | os.PathLike, key: str = "image", column: str = "pa
     else:
         raise ManifestError(f"{source}: not found (give a folder, a .csv manifest or an image file)")
     if validate:
-        validate_records(records, image_keys=(key,), spatial_dims=spatial_dims)
+        validate_records(records, image_keys=(key,), spatial_dims=spatial_dims,
+                         channels=None if channels is None else {key: int(channels)})
     return records
+
+
+def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping], fieldnames: Sequence[str] | None = None) -> str:
+    """Write a CSV manifest atomically (temporary file + rename); returns ``path``.
+
+    Args:
+        path: the CSV to write (its folder is created).
+        rows: one mapping per row (values as they should appear: paths relative to the CSV).
+        fieldnames: the header (default: the first row's keys).
+    """
+    import tempfile
+
+    path = str(path)
+    if fieldnames is None:
+        if not rows:
+            raise ManifestError(f"{path}: no rows and no header to write")
+        fieldnames = list(rows[0].keys())
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".csv", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _allocate(n: int, parts: Mapping[str, float | int | None]) -> dict[str, int]:
+    """Units per part: counts as given, fractions by largest remainder (every non-zero fraction gets at
+    least one unit when there are enough), ``None`` takes what is left (at most one part)."""
+    rest = [k for k, v in parts.items() if v is None]
+    if len(rest) > 1:
+        raise ManifestError(f"only one part can take the rest, not {rest}")
+    given = {k: v for k, v in parts.items() if v is not None}
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in given.values()):
+        raise ManifestError(f"split sizes must be counts or fractions >= 0, got {dict(parts)}")
+    fractions = any(isinstance(v, float) and not float(v).is_integer() for v in given.values()) or (
+        given and all(isinstance(v, float) for v in given.values()) and sum(given.values()) <= 1 + 1e-9)
+    if fractions:
+        total = sum(given.values())
+        if any(v > 1 for v in given.values()) or total > 1 + 1e-6 or (not rest and abs(total - 1) > 1e-6):
+            raise ManifestError(f"split fractions {dict(parts)} must lie in [0, 1] and sum to 1 (or leave one part "
+                                "to take the rest)")
+        exact = {k: v * n for k, v in given.items()}
+        counts = {k: int(np.floor(x)) for k, x in exact.items()}
+        left = (n - sum(counts.values())) if not rest else int(round(sum(exact.values()))) - sum(counts.values())
+        for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[:max(0, left)]:
+            counts[k] += 1
+        for k in [k for k in given if given[k] > 0 and counts[k] == 0]:  # a tiny fraction still gets one
+            donor = max(counts, key=counts.get)
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[k] += 1
+    else:
+        counts = {k: int(v) for k, v in given.items()}
+    used = sum(counts.values())
+    if used > n:
+        raise ManifestError(f"the split {dict(parts)} needs {used} rows (or groups) but there are {n}")
+    if rest:
+        counts[rest[0]] = n - used
+    return {k: counts[k] for k in parts}
+
+
+def split_rows(rows: Sequence, parts: Mapping[str, float | int | None], seed: int | None = 0,
+               group_column: str | None = None) -> dict[str, list]:
+    """Split ``rows`` into named parts by counts or fractions, optionally keeping groups together.
+
+    Args:
+        rows: the rows (mappings when ``group_column`` is given).
+        parts: name -> count (int), fraction (float, all fractions summing to 1) or ``None`` (the rest);
+            e.g. ``{"train": 0.7, "val": 0.15, "test": 0.15}`` or ``{"train": None, "val": 1, "test": 1}``.
+        seed: rows (or groups) are shuffled with ``numpy.random.default_rng(seed)``; ``None`` keeps the
+            file order (consecutive blocks).
+        group_column: rows with the same value in this column (a field, a plate, a patient) land in the
+            same part; counts and fractions then count groups.
+
+    Returns:
+        ``{name: [rows]}`` in ``parts``' order, each part in the original row order.
+
+    Raises:
+        ManifestError: sizes that do not fit, or a requested part that would be empty.
+    """
+    rows = list(rows)
+    if group_column is not None:
+        missing = [i for i, r in enumerate(rows) if group_column not in r]
+        if missing:
+            raise ManifestError(f"group column '{group_column}' missing (columns: {list(rows[0]) if rows else []})")
+        units = list(dict.fromkeys(r[group_column] for r in rows))
+    else:
+        units = list(range(len(rows)))
+    order = list(range(len(units)))
+    if seed is not None:
+        order = list(np.random.default_rng(seed).permutation(len(units)))
+    counts = _allocate(len(units), parts)
+    out, i = {}, 0
+    for name, n in counts.items():
+        chosen = {units[j] for j in order[i:i + n]}
+        i += n
+        if group_column is not None:
+            out[name] = [r for r in rows if r[group_column] in chosen]
+        else:
+            out[name] = [r for j, r in enumerate(rows) if j in chosen]
+        requested = parts[name] is None or parts[name] > 0
+        if requested and not out[name]:
+            raise ManifestError(f"part '{name}' would be empty: {len(units)} "
+                                f"{'groups' if group_column else 'rows'} for the split {dict(parts)}")
+    return out
+
+
+def split_manifest(manifest: str | os.PathLike, parts: Mapping[str, float | int | None] | None = None,
+                   seed: int | None = 0, group_column: str | None = None, out_dir: str | os.PathLike | None = None,
+                   overwrite: bool = True) -> dict[str, str]:
+    """Split a CSV manifest into ``<name>.csv`` files (default ``train.csv``, ``val.csv``, ``test.csv``).
+
+    Relative paths are rewritten for ``out_dir`` when it differs from the manifest's folder, so the
+    new manifests point at the same files. Nothing is written when the split does not fit.
+
+    Args:
+        manifest: the CSV to split.
+        parts: see :func:`split_rows`; default ``{"train": 0.7, "val": 0.15, "test": 0.15}``.
+        seed, group_column: see :func:`split_rows`.
+        out_dir: where the part CSVs go (default: beside ``manifest``).
+        overwrite: replace existing part files (``False`` raises instead).
+
+    Returns:
+        ``{name: path of the written CSV}`` (parts of size 0 are not written).
+    """
+    manifest = str(manifest)
+    if not os.path.isfile(manifest):
+        raise ManifestError(f"{manifest}: manifest not found")
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    if not rows:
+        raise ManifestError(f"{manifest}: no rows to split")
+    parts = dict(parts or {"train": 0.7, "val": 0.15, "test": 0.15})
+    src = os.path.dirname(os.path.abspath(manifest))
+    dst = os.path.abspath(str(out_dir)) if out_dir else src
+    split = split_rows(rows, parts, seed=seed, group_column=group_column)
+    paths = {name: os.path.join(dst, f"{name}.csv") for name, part in split.items() if part}
+    if os.path.abspath(manifest) in paths.values():
+        raise ManifestError(f"{manifest}: a part would overwrite the manifest itself; rename the part or the file")
+    if not overwrite:
+        exist = [p for p in paths.values() if os.path.exists(p)]
+        if exist:
+            raise ManifestError(f"{', '.join(exist)} exist already; pass overwrite=True (--overwrite) to replace them")
+    if dst != src:
+        path_cols = [c for c in header if c.startswith("path_")]
+        for r in rows:
+            for c in path_cols:
+                v = (r.get(c) or "").strip()
+                if v and not os.path.isabs(v):
+                    r[c] = os.path.relpath(os.path.join(src, v), dst)
+    for name, path in paths.items():
+        write_manifest(path, split[name], header)
+    return paths
 
 
 class RandomPatchDataset(Dataset):

@@ -17,7 +17,6 @@ Steps:
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -33,22 +32,9 @@ BUNDLES = {"F-net (MSE)": "fnet_baseline", "Spotlight": "spotlight_dna"}
 
 def split_manifest(manifest: str, parts: dict) -> dict:
     """Write ``<name>.csv`` beside ``manifest`` with consecutive rows: ``parts = {name: n_rows}``."""
-    folder = os.path.dirname(manifest)
-    with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if sum(parts.values()) > len(rows):
-        raise ValueError(f"{manifest}: {len(rows)} rows, {sum(parts.values())} requested")
-    out, i = {}, 0
-    for name, n in parts.items():
-        path = os.path.join(folder, f"{name}.csv")
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows[i:i + n])
-        os.replace(tmp, path)
-        out[name], i = path, i + n
-    return out
+    from common.data import split_manifest as split
+
+    return split(manifest, parts, seed=None)
 
 
 def budget_overrides(mult_chan: int, patch_size, batch_size: int, iterations: int, epochs: int, lr: float) -> dict:

@@ -32,19 +32,9 @@ BUNDLE = os.path.join(ROOT, "bundles", "fnet_baseline")
 
 
 def _split_manifest(manifest: str, n_train: int, n_val: int) -> dict:
-    folder = os.path.dirname(manifest)
-    with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
-    parts = {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
-    out = {}
-    for name, part in parts.items():
-        path = os.path.join(folder, f"{name}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(part)
-        out[name] = path
-    return out
+    from common.data import split_manifest
+
+    return split_manifest(manifest, {"train": n_train, "val": n_val, "test": None}, seed=None)
 
 
 def quick_overrides(out_dir: str, data: dict, epochs: int, epoch_length: int) -> dict:

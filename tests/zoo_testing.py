@@ -57,19 +57,9 @@ def run_bundle(bundle: str, configs, overrides: dict, cmd=("run",), torchrun: in
 
 def split_manifest(manifest: str, parts: dict) -> dict:
     """Write ``<name>.csv`` beside ``manifest`` holding consecutive rows: ``parts = {name: n_rows}``."""
-    import csv
+    from common.data import split_manifest as split
 
-    folder = os.path.dirname(manifest)
-    rows = list(csv.DictReader(open(manifest)))
-    out, i = {}, 0
-    for name, n in parts.items():
-        path = os.path.join(folder, f"{name}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows[i:i + n])
-        out[name], i = path, i + n
-    return out
+    return split(manifest, parts, seed=None)
 
 
 def train_until_checkpoint(bundle: str, overrides: dict, ckpt_dir: str, min_epoch: int = 2, timeout: int = 300):
