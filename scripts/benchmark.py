@@ -44,7 +44,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
 SECTIONS = ("fnet_train", "fnet_infer", "scaling", "densenet2d", "unet3d", "loader", "ddp")
@@ -996,4 +995,6 @@ def _train_on(net, state: dict, x, y) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 1 or sys.argv[1].startswith("-"):
         sys.argv.insert(1, "run")
-    fire.Fire({"run": run, "quality": quality, "profile": profile, "child": child, "ddp_worker": ddp_worker})
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire({"run": run, "quality": quality, "profile": profile, "child": child, "ddp_worker": ddp_worker})

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 
-import fire
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,4 +307,6 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(main)

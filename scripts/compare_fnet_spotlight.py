@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import fire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
@@ -117,4 +116,6 @@ def main(out_dir: str = "compare_output", n_train: int = 4, n_val: int = 1, n_te
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(main)

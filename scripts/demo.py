@@ -1,7 +1,7 @@
 """The zoo's main job on an embedded default: synthetic data -> train fnet_baseline -> predict -> report.
 
     python scripts/demo.py                      # about 5 minutes on a 2-core laptop CPU
-    python scripts/demo.py --out_dir demo_output --minutes 3
+    python scripts/demo.py --out_dir demo_output --epochs 6     # half the training budget
 
 Steps:
 1. generate a small seeded dataset of 3D phantom cell fields (transmitted light -> DNA stain,
@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import time
 
-import fire
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
 
 BUNDLE = os.path.join(ROOT, "bundles", "fnet_baseline")
 
@@ -134,4 +130,6 @@ def main(out_dir: str = "demo_output", n_train: int = 6, shape=(32, 96, 96), epo
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(main)

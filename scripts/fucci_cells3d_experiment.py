@@ -34,7 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, ROOT)
 
-import fire  # noqa: E402
 import numpy as np  # noqa: E402
 
 BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
@@ -186,4 +185,6 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(main)

@@ -36,7 +36,6 @@ try:
 except ImportError:  # running from a checkout that is not installed: use the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fire
 import numpy as np
 
 
@@ -175,4 +174,6 @@ def analyse(images: str, instances: str, out_dir: str = "fucci_phases", channel_
 
 
 if __name__ == "__main__":
-    fire.Fire(analyse)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(analyse)

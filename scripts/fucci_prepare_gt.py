@@ -34,7 +34,6 @@ try:
 except ImportError:  # running from a checkout that is not installed: use the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fire
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,4 +198,6 @@ def preview(image: str, out: str = "preprocessing_preview.png", config: str | No
 
 
 if __name__ == "__main__":
-    fire.Fire({"from_masks": from_masks, "from_cellpose": from_cellpose, "preview": preview})
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire({"from_masks": from_masks, "from_cellpose": from_cellpose, "preview": preview})

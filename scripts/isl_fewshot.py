@@ -26,7 +26,6 @@ import os
 import sys
 import time
 
-import fire
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,4 +327,6 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "fewshot"), data_dir: str | 
 
 
 if __name__ == "__main__":
-    fire.Fire(run, serialize=lambda results: None)  # the table is printed; everything is in results.json
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(run, serialize=lambda results: None)  # the table is printed; everything is in results.json

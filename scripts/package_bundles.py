@@ -41,7 +41,6 @@ import sys
 import tempfile
 import zipfile
 
-import fire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES_DIR = os.path.join(ROOT, "bundles")
@@ -290,4 +289,6 @@ def main(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR, c
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(main)

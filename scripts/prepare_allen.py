@@ -36,7 +36,6 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
-import fire
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,4 +276,6 @@ def main(*args, **kwargs):
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(main)

@@ -30,7 +30,6 @@ import csv
 import os
 import sys
 
-import fire
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,4 +159,6 @@ def prepare(out_dir: str, source: str = DEFAULT_SOURCE, downsample: int = 1, n_v
 
 
 if __name__ == "__main__":
-    fire.Fire(prepare)
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire(prepare)

@@ -28,7 +28,6 @@ import glob
 import os
 import sys
 
-import fire
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,4 +159,6 @@ def isl_phase_dapi(out: str = "data/isl_phase_dapi", src: str | None = None, dow
 
 
 if __name__ == "__main__":
-    fire.Fire({"aisegcell": aisegcell, "isl_phase_dapi": isl_phase_dapi})
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire({"aisegcell": aisegcell, "isl_phase_dapi": isl_phase_dapi})

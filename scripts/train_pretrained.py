@@ -51,8 +51,6 @@ for p in (ROOT, os.path.join(ROOT, "scripts")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import fire  # noqa: E402
-
 BUNDLES = ("fnet_baseline", "spotlight_dna", "isl_nucleus_seg", "isl_cell_instance", "unet3d_fucci")
 
 PRESETS = {
@@ -421,4 +419,6 @@ def record(summary: str = "pretrained/summary.json", bundles_dir: str = os.path.
 
 
 if __name__ == "__main__":
-    fire.Fire({"train": train, "package": package, "record": record})
+    from common.cli import strict_fire  # fire, refusing unknown flags before any work
+
+    strict_fire({"train": train, "package": package, "record": record})
