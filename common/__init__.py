@@ -10,8 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("cli", "data", "evaluation", "fastpath", "fucci", "handlers", "io", "isl", "losses", "metrics",
-               "networks", "report", "segmentation", "synthetic", "transforms")
+_SUBMODULES = ("cli", "data", "errors", "evaluation", "fastpath", "fucci", "handlers", "io", "isl", "losses", "metrics",
+               "networks", "outputs", "report", "segmentation", "synthetic", "transforms")
 
 
 def __getattr__(name):

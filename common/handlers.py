@@ -1,4 +1,5 @@
-"""Ignite handlers shared by the bundles: resuming an interrupted training."""
+"""Ignite handlers shared by the bundles: atomic checkpoints, resuming an interrupted training,
+and named errors when a checkpoint does not fit the configured network."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import os
 import re
 
 import torch
+from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["checkpoints_newest_first", "latest_checkpoint", "latest_loadable_checkpoint", "Resumable"]
+from common.errors import CheckpointMismatchError
+from common.outputs import atomic_write
+
+__all__ = ["checkpoints_newest_first", "latest_checkpoint", "latest_loadable_checkpoint", "Resumable",
+           "AtomicDiskSaver", "AtomicCheckpointSaver", "CheckpointMismatchError", "state_dict_mismatch",
+           "check_checkpoint"]
 
 _STEP = re.compile(r"(?:epoch|iteration)=(\d+)")
 
@@ -43,6 +50,107 @@ def latest_loadable_checkpoint(ckpt_dir: str, pattern: str = "*.pt") -> str | No
     return None
 
 
+class AtomicDiskSaver(DiskSaver):
+    """ignite ``DiskSaver`` that writes through a temporary file and a rename, readable by all.
+
+    MONAI's ``CheckpointSaver`` uses ``atomic=False`` (ignite's atomic mode makes files readable
+    by their owner only), so a kill during a save leaves a partial file under the final name; and
+    with a fixed file name (``models/model.pt``) ignite *removes* the previous best model before
+    writing the new one. Here the previous file stays in place until the new one is complete.
+
+    Args:
+        dirname: folder of the checkpoints.
+        filename: a fixed file name (e.g. ``model.pt``) that every save replaces, or None.
+    """
+
+    def __init__(self, dirname: str, filename: str | None = None):
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        with atomic_write(path, suffix=".pt") as tmp:
+            func(checkpoint, tmp, **self.kwargs)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is not None:
+            return  # a fixed name is replaced atomically by the next save: never delete it first
+        path = os.path.join(str(self.dirname), filename)
+        if os.path.exists(path):
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` (same arguments) whose every file is written atomically.
+
+    A kill at any moment leaves the previous checkpoint (and the previous best model) complete
+    under its name; see :class:`AtomicDiskSaver`.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs):
+        super().__init__(save_dir, save_dict, **kwargs)
+        fixed = {"_final_checkpoint": self._final_filename,
+                 "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+                 "_interval_checkpoint": None}
+        for attr, filename in fixed.items():
+            ckpt = getattr(self, attr)
+            if ckpt is not None:
+                ckpt.save_handler = AtomicDiskSaver(self.save_dir, filename)
+
+
+def _strip_module(sd: dict) -> dict:
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def state_dict_mismatch(expected: dict, found: dict, limit: int = 3) -> str | None:
+    """What differs between two state dicts (missing / unexpected keys, other shapes), or None."""
+    expected, found = _strip_module(expected), _strip_module(found)
+    problems = []
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs network {tuple(expected[k].shape)}"
+              for k in expected if k in found and hasattr(found[k], "shape") and found[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if shapes:
+        problems.append(f"{len(shapes)} tensor(s) of another shape, e.g. " + "; ".join(shapes[:limit]))
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:limit])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:limit])}")
+    return "; ".join(problems) or None
+
+
+def _network_state(ckpt: dict, key: str | None) -> dict:
+    if key is not None and isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+        return ckpt[key]
+    return ckpt
+
+
+def check_checkpoint(path: str, network: torch.nn.Module, what_to_do: str | None = None) -> str:
+    """Check before any work that ``path`` holds weights that fit ``network``; returns ``path``.
+
+    Raises:
+        CheckpointMismatchError: the file is missing, unreadable, or made for another network.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointMismatchError(
+            f"{path}: no trained model here; train the bundle first (configs/train.json), download the "
+            "pretrained bundle, or give the weights with --ckpt_path <file>")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatchError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); "
+                                      "was it copied completely?") from e
+    diff = state_dict_mismatch(network.state_dict(), _network_state(ckpt, "model"))
+    if diff:
+        hint = what_to_do or ("run with the network settings it was trained with (the overrides given to "
+                              "train.json, e.g. --network_def#... ), or point --ckpt_path at a matching model")
+        raise CheckpointMismatchError(f"{path}: does not fit the configured network: {diff}. {hint}")
+    return path
+
+
 class Resumable:
     """Save resumable checkpoints every few epochs and, on start, resume from the newest one.
 
@@ -51,8 +159,8 @@ class Resumable:
     interruption, it restores all of them before the first iteration and training carries on from
     the saved epoch. The trainer is added at ``attach`` time, so the bundle config need not refer to
     the trainer from inside its own handler list (a circular reference). Checkpoints hold plain state
-    dicts and numbers, loadable with ``weights_only=True``; ignite writes them atomically and, under
-    DDP, on rank 0 only.
+    dicts and numbers, loadable with ``weights_only=True``; every file is written atomically
+    (:class:`AtomicDiskSaver`) and, under DDP, on rank 0 only.
 
     Args:
         ckpt_dir: folder of resumable checkpoints.
@@ -77,11 +185,27 @@ class Resumable:
     def attach(self, engine) -> None:
         objects = dict(self.objects, trainer=engine)
         path = latest_loadable_checkpoint(self.ckpt_dir, f"{self.file_prefix}*.pt") if self.resume else None
+        network = self.objects.get("network")
+        if path is not None and isinstance(network, torch.nn.Module):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            diff = state_dict_mismatch(network.state_dict(), _network_state(ckpt, "network"))
+            if diff:
+                raise CheckpointMismatchError(
+                    f"{path}: cannot resume, this checkpoint was written by another network: {diff}. "
+                    f"Either start afresh with --resume false (its checkpoints in {self.ckpt_dir} are then "
+                    "replaced), or train into another folder with --output_dir <new folder>")
         if path is not None:
             self.logger.info(f"resuming from {path}")
             self.resumed_from = path
             CheckpointLoader(load_path=path, load_dict=objects, map_location=self.map_location).attach(engine)
         elif self.resume:
             self.logger.info(f"no checkpoint in {self.ckpt_dir}: training from the start")
-        CheckpointSaver(save_dir=self.ckpt_dir, save_dict=objects, save_interval=self.save_interval, epoch_level=True,
-                        n_saved=max(2, self.n_saved), file_prefix=self.file_prefix).attach(engine)
+        else:
+            # a fresh start: stale checkpoints of the old run would otherwise be resumed from next time
+            old = checkpoints_newest_first(self.ckpt_dir, f"{self.file_prefix}*.pt")
+            if old and int(os.environ.get("RANK", "0")) == 0:
+                for p in old:
+                    os.remove(p)
+                self.logger.info(f"resume is off: removed {len(old)} old checkpoint(s) from {self.ckpt_dir}")
+        AtomicCheckpointSaver(save_dir=self.ckpt_dir, save_dict=objects, save_interval=self.save_interval,
+                              epoch_level=True, n_saved=max(2, self.n_saved), file_prefix=self.file_prefix).attach(engine)

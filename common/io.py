@@ -15,7 +15,6 @@ Conventions
 from __future__ import annotations
 
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ __all__ = [
     "read_image",
     "write_ome_tiff",
     "spacing_of",
+    "voxel_count",
     "LoadMicroscopy",
     "LoadMicroscopyd",
     "SaveOmeTiff",
@@ -199,7 +199,11 @@ def read_image(path: str | os.PathLike, spatial_dims: int = 3, grayscale: str = 
     # when it guesses RGB planes; in a 3D read those are positional (C)ZYX axes, not colours
     if spatial_dims == 3 and "Z" not in axes and axes.endswith("YX") and data.ndim >= 3:
         axes = "Q" * (data.ndim - 2) + "YX"
-    # colour samples -> channels (or merged)
+    # colour samples -> channels (or merged); a colour picture is never a z-stack
+    if spatial_dims == 3 and "S" in axes and "Z" not in axes:
+        raise ImageDimensionError(
+            path, f"is a 2D colour image (axes {axes}, shape {tuple(data.shape)}), not a z-stack",
+            "this bundle needs a 3D stack (ZYX): export the stack as a multi-page TIFF, OME-TIFF or NIfTI")
     if "S" in axes:
         s = axes.index("S")
         data = np.moveaxis(data, s, 0)
@@ -239,12 +243,25 @@ def spacing_of(img) -> tuple:
     raise TypeError("spacing_of expects a MetaTensor")
 
 
-def _atomic_target(path: str):
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".ome.tif", dir=d)
-    os.close(fd)
-    return tmp
+def voxel_count(path: str | os.PathLike) -> int:
+    """Number of array elements of an image file, from its header (the pixels are not read)."""
+    path = str(path)
+    suffix = _suffix(path)
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return int(np.prod(tif.series[0].shape))
+    if suffix in NIFTI_SUFFIXES:
+        import nibabel as nib
+
+        return int(np.prod(nib.load(path).shape))
+    if suffix in PNG_SUFFIXES:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return int(im.size[0] * im.size[1] * len(im.getbands()))
+    return 0
 
 
 def write_ome_tiff(path: str | os.PathLike, array, axes: str = "ZYX", spacing_um: Sequence[float] | None = None,
@@ -278,15 +295,10 @@ def write_ome_tiff(path: str | os.PathLike, array, axes: str = "ZYX", spacing_um
         for a, s in zip(spatial, spacing_um):
             metadata[f"PhysicalSize{a}"] = float(s)
             metadata[f"PhysicalSize{a}Unit"] = "µm"
-    tmp = _atomic_target(path)
-    try:
+    from common.outputs import atomic_write
+
+    with atomic_write(path, suffix=".ome.tif") as tmp:
         tifffile.imwrite(tmp, array, ome=True, metadata=metadata, compression=compression, photometric="minisblack")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
@@ -360,7 +372,8 @@ class SaveOmeTiff(Transform):
         if isinstance(src, (list, tuple)):
             src = src[0]
         spatial_dims = img.ndim - 1
-        spacing = spacing_of(img) if isinstance(img, MetaTensor) else None
+        # a file that carried no voxel size gives an output that claims none either
+        spacing = spacing_of(img) if isinstance(img, MetaTensor) and meta.get("spacing_known", True) else None
         arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
         if self.dtype is not None:
             arr = arr.astype(self.dtype, copy=False)

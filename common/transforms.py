@@ -8,6 +8,7 @@ job (``Spacingd`` for resampling, ``DivisiblePadd`` / ``SpatialPadd`` for paddin
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -16,6 +17,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Spacingd, Transform
+from monai.utils import TraceKeys
 
 __all__ = [
     "ZScoreNormalize",
@@ -103,6 +105,7 @@ class ResampleToSpacingd(Spacingd):
                  **kwargs):
         self.enabled = pixdim is not None
         self.skip_unknown = skip_unknown
+        self._told = False
         super().__init__(keys, pixdim=pixdim if pixdim is not None else 1.0, **kwargs)
 
     def __call__(self, data, lazy=None):
@@ -113,10 +116,26 @@ class ResampleToSpacingd(Spacingd):
             unknown = [k for k in self.key_iterator(d)
                        if isinstance(d[k], MetaTensor) and d[k].meta.get("spacing_known") is False]
             if unknown:
-                names = [str(d[k].meta.get("filename_or_obj")) for k in unknown]
-                warnings.warn(f"no voxel size in {names}; not resampling (set it in the file's OME metadata)")
+                if not self._told:  # once per run, not once per file
+                    names = [str(d[k].meta.get("filename_or_obj")) for k in unknown]
+                    logging.getLogger("common.transforms").warning(
+                        f"no voxel size in {names}: not resampled to {tuple(self.spacing_transform.pixdim)} um; the "
+                        "output keeps the input's grid (write PhysicalSizeX/Y/Z into the OME-TIFF to resample); "
+                        "said once for all files")
+                    self._told = True
                 return d
         return super().__call__(d, lazy=lazy)
+
+    def inverse(self, data):
+        """Undo the resampling of the keys this transform resampled; keys it left alone (no voxel size,
+        or ``pixdim=None``) carry no record of it and are returned unchanged."""
+        d = dict(data)
+        own = id(self.spacing_transform.sp_resample)  # Spacing records its trace under its resampler
+        for key in self.key_iterator(d):
+            ops = getattr(d[key], "applied_operations", None)
+            if ops and ops[-1].get(TraceKeys.ID) == own:
+                d[key] = self.spacing_transform.inverse(d[key])
+        return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +150,8 @@ __all__ += [
     "ForegroundMask",
     "ForegroundMaskd",
     "RandForegroundPatchd",
+    "NoForegroundError",
+    "check_foreground",
 ]
 
 
@@ -249,6 +270,44 @@ class ForegroundMask(Transform):
 
     def __call__(self, img):
         return _like(img, self.mask_np(_channels_np(img)))
+
+
+class NoForegroundError(ValueError):
+    """A Spotlight target has (almost) no foreground: the loss would have nothing to focus on."""
+
+
+def check_foreground(records: Sequence[dict], key: str = "label", threshold: float = 0.0,
+                     min_fraction: float = 0.001, spatial_dims: int = 3) -> list[float]:
+    """Foreground fraction of each record's target after :class:`OtsuStandardize` (``x >= threshold``).
+
+    Spotlight's loss is a Dice term on the foreground; a target whose Otsu foreground is a handful
+    of voxels (a blank or saturated-speck stack) trains silently to nonsense (loss ~1e4, foreground
+    Pearson 0). Checked for every file before training starts, so all bad files are named at once.
+
+    Returns:
+        the fraction per record.
+
+    Raises:
+        NoForegroundError: one line per target below ``min_fraction``.
+    """
+    from common.io import read_image
+
+    fractions, problems = [], []
+    for rec in records:
+        arr, _, _ = read_image(rec[key], spatial_dims=spatial_dims)
+        x = OtsuStandardize()(arr)
+        frac = float((np.asarray(x) >= threshold).mean()) if arr.size else 0.0
+        fractions.append(frac)
+        if frac < min_fraction:
+            where = f"{rec.get('_manifest', 'datalist')} line {rec.get('_line', '?')}: " if "_line" in rec else ""
+            problems.append(f"{where}{rec[key]}: target foreground is {frac:.4%} of the image "
+                            f"({int(round(frac * arr.size))} voxels), below min_image_fg_fraction {min_fraction:.4%}")
+    if problems:
+        raise NoForegroundError(
+            f"{len(problems)} target(s) without a usable foreground for Spotlight:\n  " + "\n  ".join(problems)
+            + "\n  (remove these stacks from the manifest, check that the target column is the stain, "
+              "or lower --min_image_fg_fraction)")
+    return fractions
 
 
 class ForegroundMaskd(MapTransform):
