@@ -24,6 +24,17 @@ puts the working directory, and so the vendored ``common``, on ``sys.path``) or 
 folder can hold a zoo's whole release history. Without ``--base_url`` a source is the zip's file name,
 which ``scripts/zoo.py`` resolves against the index's own location (a URL or a folder).
 
+Weights are checked against the bundle's recorded release, ``docs/pretrained.json`` (the sha256 of each
+weight file of the run it describes, with its data, budget and metrics): a weight file that is not the
+recorded one (e.g. a quick CPU run's narrower network) is refused, because the package's configs, README
+and ``eval_metrics`` describe the recorded run. ``--record_run`` packages such weights as a new run
+instead: the zip's ``docs/pretrained.json`` then names these files (and the release they replace) and the
+recorded release's ``pretrained_*`` metrics are left out of the zip's metadata. A bundle without weights is
+refused unless ``--allow_no_weights`` is given; its metadata then says ``"weights_included": false``.
+
+    python scripts/package_bundles.py --out_dir dist --allow_no_weights       # configs and code only
+    python scripts/package_bundles.py --out_dir dist --bundles fnet_baseline --record_run   # your own run
+
 Versions must be semantic versions (``MAJOR.MINOR.PATCH``) with an entry in the metadata's ``changelog``;
 every problem of every bundle is reported before anything is written. Zips are reproducible: the same
 files give the same bytes and so the same checksum (fixed timestamps and permissions, sorted entries).
@@ -104,6 +115,110 @@ def check_bundle(root: str, require_weights: bool = False) -> tuple[dict, list[s
     if require_weights and not os.path.isfile(os.path.join(root, "models", "model.pt")):
         problems.append(f"{name}: models/model.pt missing (train the bundle or drop --require_weights)")
     return meta, problems
+
+
+RECORD = "docs/pretrained.json"
+
+
+def weight_files(root: str) -> dict[str, str]:
+    """``{file name: path}`` of the weight files a package of ``root`` would carry (``models/*.pt|.ts``,
+    resumable ``checkpoint*`` files excluded)."""
+    models = os.path.join(root, "models")
+    if not os.path.isdir(models):
+        return {}
+    return {fn: os.path.join(models, fn) for fn in sorted(os.listdir(models))
+            if fn.endswith(WEIGHT_SUFFIXES) and not fn.startswith(("checkpoint", "."))
+            and os.path.isfile(os.path.join(models, fn))}
+
+
+def read_record(root: str) -> dict:
+    """The bundle's recorded release (``docs/pretrained.json``), ``{}`` when it has none."""
+    path = os.path.join(root, RECORD)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PackagingError(f"{path}: not valid JSON ({e})") from e
+    return rec if isinstance(rec, dict) else {}
+
+
+def check_weights(root: str, allow_no_weights: bool = False, record_run: bool = False) -> tuple[dict, list[str]]:
+    """Compare a bundle's weight files with its recorded release; returns ``(status, problems)``.
+
+    ``status`` holds ``files`` (``{name: {"sha256", "bytes"}}`` of what would be packaged), ``recorded``
+    (the record's ``weights``) and ``state``: ``"recorded"`` (every file is the recorded one),
+    ``"none"`` (no weights) or ``"new_run"`` (files differ from the record; allowed with ``record_run``).
+    """
+    name = os.path.basename(os.path.normpath(root))
+    recorded = (read_record(root).get("weights") or {})
+    files = {fn: {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for fn, p in weight_files(root).items()}
+    status = {"files": files, "recorded": recorded}
+    if not files:
+        status["state"] = "none"
+        if allow_no_weights:
+            return status, []
+        listed = ", ".join(f"{k} sha256 {str(v.get('sha256', '?'))[:12]}..." for k, v in recorded.items())
+        what = f"the recorded release ({listed})" if recorded else "trained weights"
+        return status, [f"{name}: no weights in models/: copy {what} into {os.path.join(root, 'models')}, train the "
+                        "bundle, or pass --allow_no_weights to package configs and code only"]
+    differ = [fn for fn, d in files.items() if (recorded.get(fn) or {}).get("sha256") != d["sha256"]]
+    missing = [fn for fn in recorded if fn not in files]
+    if not differ and not missing:
+        status["state"] = "recorded"
+        return status, []
+    status["state"] = "new_run"
+    if record_run:
+        return status, []
+    problems = []
+    for fn in differ:
+        rec = (recorded.get(fn) or {}).get("sha256")
+        problems.append(f"{name}: models/{fn} (sha256 {files[fn]['sha256'][:12]}...) is not the recorded release "
+                        + (f"(sha256 {rec[:12]}... in {RECORD})" if rec else f"(not in {RECORD})")
+                        + ": package the recorded weights, or pass --record_run to package these as a new run")
+    for fn in missing:
+        problems.append(f"{name}: models/{fn} of the recorded release ({RECORD}) is missing; copy it into models/ "
+                        "or pass --record_run to package the other files as a new run")
+    return status, problems
+
+
+def release_notes(root: str, status: dict, staging: str) -> dict:
+    """Zip entries that describe what a package really carries: ``{arc path: staged file}``.
+
+    No weights: ``configs/metadata.json`` with ``"weights_included": false`` and a note. A new run
+    (``--record_run``): ``docs/pretrained.json`` naming the packaged files and the release they replace,
+    and ``configs/metadata.json`` without the recorded release's ``pretrained_*`` metrics.
+    """
+    if status["state"] == "recorded":
+        return {}
+    name = os.path.basename(os.path.normpath(root))
+    with open(os.path.join(root, "configs", "metadata.json")) as f:
+        meta = json.load(f)
+    extra = {}
+    if status["state"] == "none":
+        meta["weights_included"] = False
+        meta["weights_note"] = ("this package carries no trained weights: train the bundle (docs/README.md) or copy a "
+                                "model.pt into models/ before running inference")
+    else:
+        meta["weights_included"] = True
+        meta["weights_note"] = ("the weights are a run that is not the recorded release (packaged with --record_run); "
+                                "the recorded release's pretrained_* metrics are not included")
+        meta["eval_metrics"] = {k: v for k, v in (meta.get("eval_metrics") or {}).items() if not k.startswith("pretrained_")}
+        old = read_record(root)
+        record = {"bundle": name, "weights": status["files"],
+                  "run": "not recorded: weights packaged with scripts/package_bundles.py --record_run; record their "
+                         "data, budget and metrics with scripts/train_pretrained.py record",
+                  "replaces": {"weights": old.get("weights", {}), "eval_metrics": old.get("eval_metrics", {})}}
+        rec_path = os.path.join(staging, f"{name}_pretrained.json")
+        _write_json_atomic(rec_path, record)
+        extra[RECORD] = rec_path
+    meta_path = os.path.join(staging, f"{name}_metadata.json")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=4)
+        f.write("\n")
+    extra["configs/metadata.json"] = meta_path
+    return extra
 
 
 def _walk(folder: str, arc_prefix: str, suffixes=None) -> list[tuple[str, str]]:
@@ -221,7 +336,8 @@ def export_torchscript(root: str, out_path: str, repo_root: str = ROOT, timeout:
 
 
 def package(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR, common_dir: str = COMMON_DIR,
-            base_url: str | None = None, torchscript: bool = False, require_weights: bool = False) -> dict:
+            base_url: str | None = None, torchscript: bool = False, require_weights: bool = False,
+            allow_no_weights: bool = False, record_run: bool = False) -> dict:
     """Package bundles into ``out_dir`` and update ``out_dir/model_info.json``; returns the new index entries.
 
     Args:
@@ -231,7 +347,9 @@ def package(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR
         common_dir: the ``common`` package to vendor (default: this repository's).
         base_url: URL the zips will be served from; the index then holds absolute URLs.
         torchscript: export ``models/model.ts`` from ``models/model.pt`` where the bundle has none.
-        require_weights: refuse bundles without ``models/model.pt``.
+        require_weights: refuse bundles without ``models/model.pt`` even with ``allow_no_weights``.
+        allow_no_weights: package bundles without weights (their metadata says ``"weights_included": false``).
+        record_run: package weights that are not the release recorded in ``docs/pretrained.json`` as a new run.
     """
     available = find_bundles(bundles_dir)
     if bundles in (None, "all", ("all",), ["all"]):
@@ -243,9 +361,14 @@ def package(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR
             raise PackagingError(f"unknown bundle(s) {unknown} in {bundles_dir}; available: {available}")
     if not names:
         raise PackagingError(f"{bundles_dir}: no bundles (folders with configs/metadata.json) to package")
-    metas, problems = {}, []
+    from common.cli import as_bool
+
+    allow_no_weights, record_run = as_bool(allow_no_weights, "allow_no_weights"), as_bool(record_run, "record_run")
+    metas, weights, problems = {}, {}, []
     for n in names:
-        metas[n], p = check_bundle(os.path.join(bundles_dir, n), require_weights)
+        metas[n], p = check_bundle(os.path.join(bundles_dir, n), as_bool(require_weights, "require_weights"))
+        problems += p
+        weights[n], p = check_weights(os.path.join(bundles_dir, n), allow_no_weights, record_run)
         problems += p
     if problems:
         raise PackagingError(f"{len(problems)} problem(s), nothing written:\n  " + "\n  ".join(problems))
@@ -265,14 +388,17 @@ def package(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR
             if torchscript and has_pt and not os.path.isfile(os.path.join(root, "models", "model.ts")):
                 print(f"[{i}/{len(names)}] {n}: exporting TorchScript", flush=True)
                 extra["models/model.ts"] = export_torchscript(root, os.path.join(staging, f"{n}.ts"))
+            extra.update(release_notes(root, weights[n], staging))
             files = bundle_files(root, common_dir, extra)
             zip_path = write_zip(os.path.join(out_dir, zip_name), files)
             checksum = sha256_file(zip_path)
             source = f"{base_url.rstrip('/')}/{zip_name}" if base_url else zip_name
             entries[key] = {"checksum": checksum, "source": source}
-            weights = [a.split("/", 1)[1] for a, _ in files if a.startswith(f"{n}/models/")]
-            print(f"[{i}/{len(names)}] {zip_path}: {len(files)} files, weights: {', '.join(weights) or 'none'}, "
-                  f"sha256 {checksum}", flush=True)
+            state = {"recorded": "the recorded release", "new_run": "a new run (--record_run)",
+                     "none": "NONE (--allow_no_weights)"}[weights[n]["state"]]
+            packed = [a.split("/", 1)[1] for a, _ in files if a.startswith(f"{n}/models/")]
+            print(f"[{i}/{len(names)}] {zip_path}: {len(files)} files, weights: {', '.join(packed) or 'none'} "
+                  f"({state}), sha256 {checksum}", flush=True)
     index.update(entries)
     _write_json_atomic(index_path, index)
     print(f"index: {index_path} ({len(index)} entries)")
@@ -280,10 +406,12 @@ def package(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR
 
 
 def main(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR, common_dir: str = COMMON_DIR,
-         base_url: str | None = None, torchscript: bool = False, require_weights: bool = False):
+         base_url: str | None = None, torchscript: bool = False, require_weights: bool = False,
+         allow_no_weights: bool = False, record_run: bool = False):
     """Command line: see the module docstring. Exits with status 1 and the list of problems on bad bundles."""
     try:
-        package(out_dir, bundles, bundles_dir, common_dir, base_url, torchscript, require_weights)
+        package(out_dir, bundles, bundles_dir, common_dir, base_url, torchscript, require_weights, allow_no_weights,
+                record_run)
     except PackagingError as e:
         sys.exit(f"package_bundles: error: {e}")
 

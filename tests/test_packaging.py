@@ -111,7 +111,7 @@ def test_zip_entries_inside_the_bundle_pass():
 @pytest.mark.parametrize("bundle", ALL)
 def test_package_layout_index_and_reproducible_checksum(bundle, tmp_path):
     out1, out2 = tmp_path / "d1", tmp_path / "d2"
-    entries = pack.package(str(out1), bundles=bundle)
+    entries = pack.package(str(out1), bundles=bundle, allow_no_weights=True)
     version = metadata(bundle)["version"]
     key = f"{bundle}_v{version}"
     zip_path = out1 / f"{key}.zip"
@@ -126,8 +126,14 @@ def test_package_layout_index_and_reproducible_checksum(bundle, tmp_path):
     root = os.path.join(BUNDLES, bundle)
     with zipfile.ZipFile(zip_path) as zf:
         for cfg in os.listdir(os.path.join(root, "configs")):
-            if cfg != "monailabel_train.json":
+            if cfg not in ("monailabel_train.json", "metadata.json"):
                 assert zf.read(f"{bundle}/configs/{cfg}") == open(os.path.join(root, "configs", cfg), "rb").read()
+        meta = json.loads(zf.read(f"{bundle}/configs/metadata.json"))
+        if pack.weight_files(root):  # a checkout with trained weights
+            assert meta.get("weights_included", True) is True
+        else:  # the package says it carries no weights
+            assert meta.pop("weights_included") is False and "no trained weights" in meta.pop("weights_note")
+            assert meta == metadata(bundle)
         assert zf.read(f"{bundle}/LICENSE") == open(os.path.join(ROOT, "LICENSE"), "rb").read()
         assert f"{bundle}/docs/README.md" in names
         vendored = sorted(n[len(f"{bundle}/"):] for n in names if n.startswith(f"{bundle}/common/"))
@@ -138,7 +144,7 @@ def test_package_layout_index_and_reproducible_checksum(bundle, tmp_path):
         assert zf.read(f"{bundle}/common/io.py") == open(os.path.join(ROOT, "common", "io.py"), "rb").read()
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/runs/" in n or "/data/" in n]
     # same files -> same bytes -> same checksum
-    pack.package(str(out2), bundles=bundle)
+    pack.package(str(out2), bundles=bundle, allow_no_weights=True)
     assert (out2 / f"{key}.zip").read_bytes() == zip_path.read_bytes()
 
 
@@ -152,7 +158,7 @@ def test_package_refuses_bad_versions_and_writes_nothing(tmp_path):
         json.dump(meta, open(bundles / b / "configs" / "metadata.json", "w"))
     out = tmp_path / "dist"
     with pytest.raises(pack.PackagingError) as e:
-        pack.package(str(out), bundles_dir=str(bundles))
+        pack.package(str(out), bundles_dir=str(bundles), allow_no_weights=True)
     msg = str(e.value)
     assert "2 problem(s)" in msg
     assert "version '0.1' is not a semantic version" in msg and str(bundles / "a" / "configs" / "metadata.json") in msg
@@ -160,8 +166,71 @@ def test_package_refuses_bad_versions_and_writes_nothing(tmp_path):
     assert not out.exists() or not os.listdir(out)
     # the command line says the same and exits 1
     p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "package_bundles.py"), "--out_dir", str(out),
-                        "--bundles_dir", str(bundles)], capture_output=True, text=True, env=env(), timeout=120)
+                        "--bundles_dir", str(bundles), "--allow_no_weights"], capture_output=True, text=True, env=env(),
+                       timeout=120)
     assert p.returncode == 1 and "changelog has no entry for version 0.2.0" in p.stderr
+
+
+def _release_copy(tmp_path, bundle="fnet_baseline"):
+    """A bundle folder with its recorded release (docs/pretrained.json) but without the weight files."""
+    dst = tmp_path / "bundles" / bundle
+    shutil.copytree(os.path.join(BUNDLES, bundle), dst, ignore=shutil.ignore_patterns("*.pt", "*.ts", "runs"))
+    return dst
+
+
+def test_weights_must_be_the_recorded_release(tmp_path):
+    b = "fnet_baseline"
+    root = _release_copy(tmp_path, b)
+    recorded = json.load(open(root / "docs" / "pretrained.json"))["weights"]["model.pt"]["sha256"]
+    out = tmp_path / "dist"
+    # no weights: refused, naming the recorded file, unless asked
+    with pytest.raises(pack.PackagingError, match=f"no weights in models/: copy the recorded release \\(model.pt sha256 "
+                                                  f"{recorded[:12]}"):
+        pack.package(str(out), bundles_dir=str(root.parent))
+    assert not out.exists()
+    # other weights (e.g. a quick run's narrower network): refused, naming both checksums
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models" / "model.pt").write_bytes(b"quick-run weights")
+    actual = pack.sha256_file(str(root / "models" / "model.pt"))
+    with pytest.raises(pack.PackagingError) as e:
+        pack.package(str(out), bundles_dir=str(root.parent))
+    assert f"models/model.pt (sha256 {actual[:12]}...) is not the recorded release (sha256 {recorded[:12]}..." in str(e.value)
+    assert "--record_run" in str(e.value) and not out.exists()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "package_bundles.py"), "--out_dir", str(out),
+                        "--bundles_dir", str(root.parent)], capture_output=True, text=True, env=env(), timeout=120)
+    assert p.returncode == 1 and "is not the recorded release" in p.stderr and not out.exists()
+
+
+def test_record_run_packages_a_new_run_that_says_so(tmp_path):
+    b = "fnet_baseline"
+    root = _release_copy(tmp_path, b)
+    old = json.load(open(root / "docs" / "pretrained.json"))
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models" / "model.pt").write_bytes(b"new run")
+    entries = pack.package(str(tmp_path / "dist"), bundles_dir=str(root.parent), record_run=True)
+    with zipfile.ZipFile(tmp_path / "dist" / f"{next(iter(entries))}.zip") as zf:
+        rec = json.loads(zf.read(f"{b}/docs/pretrained.json"))
+        meta = json.loads(zf.read(f"{b}/configs/metadata.json"))
+        assert zf.read(f"{b}/models/model.pt") == b"new run"
+    assert rec["weights"] == {"model.pt": {"sha256": pack.sha256_file(str(root / "models" / "model.pt")), "bytes": 7}}
+    assert rec["replaces"]["weights"] == old["weights"] and "not recorded" in rec["run"]
+    assert meta["weights_included"] is True and "--record_run" in meta["weights_note"]
+    assert not [k for k in meta["eval_metrics"] if k.startswith("pretrained_")]
+    assert json.load(open(root / "docs" / "pretrained.json")) == old  # the repository's record is untouched
+
+
+def test_recorded_weights_package_unchanged(tmp_path):
+    b = "fnet_baseline"
+    root = _release_copy(tmp_path, b)
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models" / "model.pt").write_bytes(b"the release")
+    rec = json.load(open(root / "docs" / "pretrained.json"))
+    rec["weights"] = {"model.pt": {"sha256": pack.sha256_file(str(root / "models" / "model.pt")), "bytes": 11}}
+    json.dump(rec, open(root / "docs" / "pretrained.json", "w"))
+    entries = pack.package(str(tmp_path / "dist"), bundles_dir=str(root.parent))
+    with zipfile.ZipFile(tmp_path / "dist" / f"{next(iter(entries))}.zip") as zf:
+        assert zf.read(f"{b}/configs/metadata.json") == (root / "configs" / "metadata.json").read_bytes()
+        assert zf.read(f"{b}/docs/pretrained.json") == (root / "docs" / "pretrained.json").read_bytes()
 
 
 # ------------------------------------------------------------------------------------------ over HTTP
@@ -175,12 +244,12 @@ def served(tmp_path_factory):
     copies, dist = base / "copies", base / "dist"
     for b in USABLE:
         make_copy(b, str(copies), bake_tiny=False)
-    pack.package(str(dist), bundles_dir=str(copies))
+    pack.package(str(dist), bundles_dir=str(copies), record_run=True)  # tiny test weights: not the release
     for v in ("0.9.0", "0.10.0"):  # two later releases of the first bundle, same files otherwise
         other = base / f"copies_{v}"
         shutil.copytree(copies / FIRST, other / FIRST)
         _set_version(str(other / FIRST), v)
-        pack.package(str(dist), bundles_dir=str(other))
+        pack.package(str(dist), bundles_dir=str(other), record_run=True)
     port = free_port()
     log = base / "http.log"
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
