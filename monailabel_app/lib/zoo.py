@@ -31,6 +31,8 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleConstants as TrainConstants
 from monailabel.tasks.train.bundle import BundleTrainTask
 
+from .safety import RequestRejected
+
 logger = logging.getLogger(__name__)
 
 IMAGE, SEGMENTATION = "image", "segmentation"
@@ -49,6 +51,14 @@ SEGMENTATION_FORMATS = {"segmentation", "labels", "label", "instance", "instance
 # "pretrained" loader) rather than re-initialised from the stage-0 weights.
 TRAIN_DEFAULTS = {
     "isl_nucleus_seg": {"stage": 1, "init": "scratch"},
+}
+# What an annotator's label holds for each segmentation bundle of the zoo: "classes" (the class ids named by the
+# output's channel_def, e.g. 0 background / 1 nucleus) or "instances" (0 background, any positive integer one
+# object). Bundles not listed: the classes 0..num_classes-1 when train.json has num_classes, else instances.
+KNOWN_LABELS = {
+    "isl_nucleus_seg": "classes",
+    "unet3d_fucci": "classes",
+    "isl_cell_instance": "instances",
 }
 # Datastore file types, in the order MONAI Label's LocalDatastore needs: it takes the *last* pattern a
 # file name ends with as the extension, so "x.ome.tif" must meet "*.ome.tif" after "*.tif" (id "x").
@@ -81,6 +91,95 @@ def bundle_kind(name: str, metadata: dict) -> str:
 def spatial_dims(metadata: dict) -> int:
     inputs = metadata.get("network_data_format", {}).get("inputs", {})
     return len(next(iter(inputs.values()), {}).get("spatial_shape", [0, 0, 0]))
+
+
+def _first_input(metadata: dict) -> dict:
+    return next(iter(metadata.get("network_data_format", {}).get("inputs", {}).values()), {})
+
+
+def _first_output(metadata: dict) -> dict:
+    return next(iter(metadata.get("network_data_format", {}).get("outputs", {}).values()), {})
+
+
+def label_spec(name: str, bundle_path: str, kind: str, metadata: dict | None = None) -> dict:
+    """What a label saved for training ``name`` must be: ``{"bundle", "dims", "kind", "classes", "channels"}``.
+
+    ``classes`` is ``{id: name}`` for a bundle trained on class maps, None for one trained on instance labels
+    (any non-negative integers); ``channels`` is the channel count of a virtual-staining target (``kind`` image).
+    """
+    metadata = metadata if metadata is not None else read_metadata(bundle_path)
+    out = _first_output(metadata)
+    spec = {"bundle": name, "dims": spatial_dims(metadata), "kind": kind, "classes": None,
+            "channels": int(out.get("num_channels", 1))}
+    if kind != SEGMENTATION:
+        return spec
+    defs = {int(k): str(v) for k, v in (out.get("channel_def") or {}).items() if str(k).isdigit()}
+    mode = KNOWN_LABELS.get(name)
+    n_classes = None
+    train_json = os.path.join(bundle_path, "configs", "train.json")
+    if os.path.isfile(train_json):
+        with open(train_json) as f:
+            n_classes = json.load(f).get("num_classes")
+    if mode == "classes" or (mode is None and isinstance(n_classes, int)):
+        ids = range(n_classes) if isinstance(n_classes, int) else sorted(defs)
+        spec["classes"] = {i: defs.get(i, f"class {i}") for i in ids}
+    return spec
+
+
+def describe_label(spec: dict) -> str:
+    """A label spec in words, for error messages and the docs."""
+    grid = "ZYX" if spec["dims"] == 3 else "YX"
+    if spec["kind"] != SEGMENTATION:
+        return (f"{spec['bundle']} trains on the paired target image: {spec['channels']} channel(s), finite values, "
+                f"on the image's {grid} grid")
+    if spec["classes"] is None:
+        what = "instance labels (0 background, one positive integer per object)"
+    else:
+        what = "class ids " + ", ".join(f"{i} {n}" for i, n in spec["classes"].items())
+    return f"{spec['bundle']} trains on one channel of {what} on the image's {grid} grid"
+
+
+def label_problem(label_path: str, image_path: str, spec: dict, label_name: str | None = None) -> str | None:
+    """Why ``label_path`` cannot be a training label of ``image_path`` for the bundle of ``spec`` (None if it can):
+    unreadable, non-finite, another grid than the image's (the spatial shape, ``ZYX`` for a 3D bundle, ``YX``
+    for a 2D one), several channels, negative or non-integer values, or classes the bundle does not know."""
+    from common.io import ImageReadError, read_image
+
+    name = label_name or os.path.basename(label_path)
+    dims = spec["dims"]
+    try:
+        lab, _, _ = read_image(label_path, spatial_dims=dims)
+    except ImageReadError as e:
+        return f"label {name}: {e.problem}" + (f" ({spec['bundle']} is a {dims}D bundle)" if "dimension" in e.problem
+                                               else "")
+    try:
+        img, _, _ = read_image(image_path, spatial_dims=dims, check_finite=False)
+    except ImageReadError as e:
+        return f"image {os.path.basename(image_path)} is not a {dims}D image for {spec['bundle']}: {e.problem}"
+    grid = "ZYX" if dims == 3 else "YX"
+    if tuple(lab.shape[1:]) != tuple(img.shape[1:]):
+        return (f"label {name}: spatial shape {tuple(lab.shape[1:])} != the image's {tuple(img.shape[1:])} ({grid}); "
+                "a label must be on the image's grid")
+    if spec["kind"] != SEGMENTATION:
+        if lab.shape[0] != spec["channels"]:
+            return f"label {name}: {lab.shape[0]} channel(s); {spec['bundle']} trains on {spec['channels']}"
+        return None
+    if lab.shape[0] != 1:
+        return f"label {name}: {lab.shape[0]} channels; a label is one channel of integer ids"
+    if lab.dtype.kind == "b":
+        lab = lab.astype(np.uint8)
+    if lab.dtype.kind == "f" and not np.array_equal(lab, np.round(lab)):
+        return f"label {name}: non-integer values (e.g. {float(lab[lab != np.round(lab)].flat[0])}); labels are integer ids"
+    values = np.unique(lab)
+    if values.size and values[0] < 0:
+        return f"label {name}: negative values (e.g. {values[0]:g}); labels are ids >= 0"
+    if spec["classes"] is not None:
+        unknown = [int(v) for v in values if int(v) not in spec["classes"]]
+        if unknown:
+            known = ", ".join(f"{i} {n}" for i, n in spec["classes"].items())
+            return (f"label {name}: class(es) {unknown[:10]} unknown to {spec['bundle']} (it knows {known}); "
+                    "for instance labels, save them for a bundle trained on instances")
+    return None
 
 
 def select(names: str | None, available: list[str], what: str) -> list[str]:
@@ -225,6 +324,57 @@ class ZooInferTask(BundleInferTask):
         self.spatial_dims = self.dimension
         if kind == IMAGE:
             self.labels = {}  # an intensity image has no segment names
+        self.in_channels = self._network_in_channels()
+
+    def _network_in_channels(self) -> int:
+        """The network's input channels: its config (``in_channels``, ``network_def#in_channels``, ...), else the
+        metadata's ``num_channels``."""
+        for key in ("in_channels", "network_def#in_channels", "network_def#base#in_channels", "base_def#in_channels"):
+            try:
+                value = self.bundle_config.get_parsed_content(key, instantiate=False)
+            except Exception:  # not there, or not a plain value
+                continue
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return int(_first_input(read_metadata(self.bundle_path)).get("num_channels", 1))
+
+    def expected_input(self) -> str:
+        """The input this model takes, in words (for error messages)."""
+        inp = _first_input(read_metadata(self.bundle_path))
+        grid = "ZYX" if self.dimension == 3 else "YX"
+        names = ", ".join(str(v) for v in (inp.get("channel_def") or {}).values())
+        return (f"a {self.dimension}D image ({grid}, or C{grid} with the channel first) that its preprocessing turns "
+                f"into {self.in_channels} channel(s)" + (f": {names}" if names else ""))
+
+    def run_pre_transforms(self, data, transforms):
+        """The bundle's preprocessing, then a check that the result is what the network takes; an image it cannot
+        take is a :class:`RequestRejected` (422) naming the problem and the expected input, before the network runs."""
+        from common.io import ImageReadError
+
+        name = os.path.basename(str(data.get("image_path") or data.get("image") or "the image"))
+        try:
+            data = super().run_pre_transforms(data, transforms)
+        except Exception as e:
+            cause, problem = e, None
+            while cause is not None and problem is None:
+                if isinstance(cause, ImageReadError):
+                    problem = cause.problem
+                cause = cause.__cause__ or cause.__context__
+            if problem is None:
+                root = e
+                while root.__cause__ is not None or root.__context__ is not None:
+                    root = root.__cause__ or root.__context__
+                problem = f"its preprocessing failed ({type(root).__name__}: {str(root)[:300]})"
+            raise RequestRejected(422, f"{self.name} cannot take {name}: {problem}; it expects "
+                                       f"{self.expected_input()}") from e
+        img = data.get(self.input_key)
+        shape = tuple(getattr(img, "shape", ()))
+        if len(shape) != self.dimension + 1 or shape[0] != self.in_channels:
+            got = (f"{shape[0]} channel(s)" if len(shape) == self.dimension + 1
+                   else f"{len(shape) - 1} spatial dimension(s) (shape {shape})")
+            raise RequestRejected(422, f"{self.name} cannot take {name}: after preprocessing it has {got}; it expects "
+                                       f"{self.expected_input()}")
+        return data
 
     def _filter_transforms(self, transforms, filters):
         kept = super()._filter_transforms(transforms, filters)
@@ -300,7 +450,9 @@ class ZooTrainTask(BundleTrainTask):
         super().__init__(path, conf, const=ZooTrainConstants(*keys), load_strict=True)
         self.valid = self.valid and self.usable
         self.name = os.path.basename(os.path.normpath(path))
-        self.spatial_dims = spatial_dims(read_metadata(path))
+        metadata = read_metadata(path)
+        self.spatial_dims = spatial_dims(metadata)
+        self.label_spec = label_spec(self.name, path, bundle_kind(self.name, metadata), metadata)
 
     def config(self):
         c = super().config()
@@ -328,6 +480,12 @@ class ZooTrainTask(BundleTrainTask):
                              same_shape=("image", "label"), nonconstant=("image",))
         except ManifestError as e:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"{self.name}: {e}") from e
+        for r in records:
+            problem = label_problem(r["label"], r["image"], self.label_spec,
+                                    label_name=os.path.relpath(r["label"], os.path.dirname(r["image"])))
+            if problem:
+                raise MONAILabelException(MONAILabelError.INVALID_INPUT,
+                                          f"{self.name}: {problem} (expected: {describe_label(self.label_spec)})")
         return records
 
     def _partition_datalist(self, datalist, request, shuffle=False):
