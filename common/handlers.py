@@ -63,12 +63,16 @@ class AtomicDiskSaver(DiskSaver):
         filename: a fixed file name (e.g. ``model.pt``) that every save replaces, or None.
     """
 
-    def __init__(self, dirname: str, filename: str | None = None):
+    def __init__(self, dirname: str, filename: str | None = None, on_saved=None):
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        self.on_saved = on_saved
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        name = self.filename or filename
+        super().__call__(checkpoint, name, metadata)
+        if self.on_saved is not None and int(os.environ.get("RANK", "0")) == 0:
+            self.on_saved(os.path.join(str(self.dirname), name))
 
     def _save_func(self, checkpoint, path, func) -> None:
         with atomic_write(path, suffix=".pt") as tmp:
@@ -83,21 +87,34 @@ class AtomicDiskSaver(DiskSaver):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` (same arguments) whose every file is written atomically.
+    """MONAI ``CheckpointSaver`` (same arguments) whose every file is written atomically, and whose
+    fixed-name model files (``models/model.pt``) carry their record (``models/model.json``).
 
     A kill at any moment leaves the previous checkpoint (and the previous best model) complete
-    under its name; see :class:`AtomicDiskSaver`.
+    under its name; see :class:`AtomicDiskSaver`. The record holds the network's configuration and
+    ``settings`` (see :mod:`common.networks.record`), so inference needs no retyped overrides.
+
+    Args:
+        settings: inference-relevant settings the model was trained with (e.g. ``target_spacing_um``).
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs):
+    def __init__(self, save_dir: str, save_dict: dict, settings: dict | None = None, **kwargs):
         super().__init__(save_dir, save_dict, **kwargs)
+        nets = [v for v in save_dict.values() if isinstance(v, torch.nn.Module)]
+        on_saved = None
+        if len(nets) == 1:
+            from common.networks.record import write_record
+
+            def on_saved(path, _net=nets[0], _settings=dict(settings or {})):
+                write_record(path, _net, _settings)
+
         fixed = {"_final_checkpoint": self._final_filename,
                  "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
                  "_interval_checkpoint": None}
         for attr, filename in fixed.items():
             ckpt = getattr(self, attr)
             if ckpt is not None:
-                ckpt.save_handler = AtomicDiskSaver(self.save_dir, filename)
+                ckpt.save_handler = AtomicDiskSaver(self.save_dir, filename, on_saved if filename else None)
 
 
 def _strip_module(sd: dict) -> dict:

@@ -20,9 +20,12 @@ from monai.networks.layers.factories import Conv
 from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
+from common.networks.record import recordable
+
 __all__ = ["DistanceMaskHead"]
 
 
+@recordable
 class DistanceMaskHead(nn.Module):
     """Two convolution blocks: ``in_channels -> hidden_channels -> out_channels``.
 

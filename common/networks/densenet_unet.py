@@ -39,6 +39,8 @@ from monai.networks.nets.densenet import _DenseBlock, _Transition
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, SegmentationHead, UNetDecoder
 from torch import nn
 
+from common.networks.record import recordable
+
 __all__ = [
     "DENSENET121",
     "densenet_feature_channels",
@@ -218,6 +220,7 @@ if "densenet121" not in FLEXUNET_BACKBONE.register_dict:
     FLEXUNET_BACKBONE.register_class(DenseNetEncoder)
 
 
+@recordable
 class DenseNetUNet(nn.Module):
     """U-Net with a DenseNet encoder (DenseNet-121 by default) and FlexibleUNet's decoder.
 
@@ -273,6 +276,7 @@ class DenseNetUNet(nn.Module):
         return self.segmentation_head(self.decoder(self.encoder(x), self.skip_connect))
 
 
+@recordable
 class ShiftedSigmoid(nn.Module):
     """``f(x) = 1 / (1 + exp(-a (x - shift)))``: Bonte et al.'s stage-1 output activation.
 
@@ -297,6 +301,7 @@ class ShiftedSigmoid(nn.Module):
         return f"a={self.a}, shift={self.shift}"
 
 
+@recordable
 class ISLNet(nn.Module):
     """A base network followed by a head: ``head(base(x))``.
 

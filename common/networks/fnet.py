@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.networks.record import recordable
+
 __all__ = ["FNet", "init_fnet_weights"]
 
 
@@ -76,6 +78,7 @@ def init_fnet_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(m.bias)
 
 
+@recordable
 class FNet(nn.Module):
     """F-net (Ounkomol et al. 2018).
 

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from common.networks.record import recordable
+
 __all__ = ["UNet3D"]
 
 
@@ -74,6 +76,7 @@ def _make_level(c_in: int, features: Sequence[int], pool: tuple, norm: str | Non
     return _Level(c_in, features, pool, norm)
 
 
+@recordable
 class UNet3D(nn.Module):
     """3D U-Net with max-pool down, transposed-conv up and skip connections.
 
