@@ -178,14 +178,42 @@ def _multipart(field, filename, content):
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
+def server_env() -> dict:
+    """The environment of a test server: this checkout's ``common``; outbound HTTP pointed at a dead proxy (so a
+    hub call would fail), sessions off."""
+    e = env()
+    e.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+              "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+              "MONAI_LABEL_SESSIONS": "false"})
+    return e
+
+
+def launch_server(base, studies, conf, host="127.0.0.1", port=None, log_name="server.log"):
+    """Start `monailabel start_server` (python -m monailabel.main) on a copy of the app in ``base/app``, serving
+    ``studies`` with the ``--conf`` pairs ``conf``; returns ``(process, url, log path)`` at once."""
+    app = base / "app"
+    if not app.exists():
+        app.mkdir()
+        shutil.copy(os.path.join(APP, "main.py"), app / "main.py")
+        shutil.copytree(os.path.join(APP, "lib"), app / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+           "--host", host, "--port", str(port)]
+    for k, v in conf:
+        cmd += ["--conf", k, v]
+    log = base / log_name
+    proc = subprocess.Popen(cmd, cwd=str(base), env=server_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`monailabel start_server` (python -m monailabel.main) on 127.0.0.1:<free port>, serving tiny copies of
-    the usable bundles with random weights; outbound HTTP is pointed at a dead proxy so a hub call would fail."""
+    """`monailabel start_server` on 127.0.0.1:<free port>, serving tiny copies of the usable bundles with random
+    weights (see :func:`launch_server`)."""
     if not USABLE:
         pytest.skip("no bundle with a usable inference config: " + "; ".join(filter(None, map(unusable_reason, ALL))))
     base = tmp_path_factory.mktemp("monailabel")
-    zoo_dir, studies, app = base / "zoo", base / "studies", base / "app"
+    zoo_dir, studies = base / "zoo", base / "studies"
     for b in USABLE:
         make_copy(b, str(zoo_dir), bake_tiny=True)
     samples = {}
@@ -196,27 +224,15 @@ def server(tmp_path_factory):
         for j, tag in enumerate(("a", "b")):
             arr, axes, spacing = sample_image(b, seed=10 + j)
             write_ome_tiff(str(studies / f"{b}_train_{tag}.ome.tif"), arr, axes=axes, spacing_um=spacing)
-    app.mkdir()
-    shutil.copy(os.path.join(APP, "main.py"), app / "main.py")
-    shutil.copytree(os.path.join(APP, "lib"), app / "lib", ignore=shutil.ignore_patterns("__pycache__"))
-    port = free_port()
-    e = env()
-    e.update({"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
-              "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-              "MONAI_LABEL_SESSIONS": "false"})
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-           "--host", "127.0.0.1", "--port", str(port), "--conf", "zoo_dir", str(zoo_dir), "--conf", "models", "all",
-           "--conf", "train_models", ",".join(TRAINED) or "none",
-           "--conf", "train_overrides", json.dumps(tiny_train_overrides(USABLE))]
-    log = base / "server.log"
-    proc = subprocess.Popen(cmd, cwd=str(base), env=e, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc, url, log = launch_server(base, studies, [
+        ("zoo_dir", str(zoo_dir)), ("models", "all"), ("train_models", ",".join(TRAINED) or "none"),
+        ("train_overrides", json.dumps(tiny_train_overrides(USABLE)))])
     # each bundle's own inference (`monai.bundle run` of the same tiny config and weights) on its sample,
     # computed while the server starts
     jobs = [{"bundle": b, "config": str(zoo_dir / b / "configs" / "inference.json"),
              "overrides": {"bundle_root": str(zoo_dir / b), "dataset_dir": samples[b],
                            "output_dir": str(base / "reference" / b)}} for b in USABLE]
     driver = start_driver(jobs, str(base / "driver"), env())
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/info/", proc, timeout=300, log_path=str(log))
         yield {"url": url, "base": base, "zoo": zoo_dir, "studies": studies, "samples": samples, "log": log,

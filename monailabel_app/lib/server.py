@@ -56,6 +56,7 @@ BLOCKED = [
     (None, re.compile(r"/infer/wsi.*"), "whole-slide inference is not served by this app"),
     (None, re.compile(r"/proxy/.*"), "the DICOMweb proxy is not served by this app (its datastore is a local folder)"),
 ]
+RESULT_EXTENSIONS = (".ome.tif", ".nii.gz", ".nii", ".png")
 TRAIN_ERROR_MARK = "ZOO_TRAIN_ERROR: "
 # train options a client may set (the rest of a bundle's training is its train.json and --conf train_overrides)
 TRAIN_OPTIONS = {"max_epochs", "val_split", "label_tag", "device", "pretrained", "multi_gpu", "gpus"}
@@ -209,10 +210,13 @@ def zoo_api(zoo) -> FastAPI:
         if model not in served:
             raise RequestRejected(404, f"model {model!r} is not served by this server; served: {served} (GET /info/)")
         p = _params(params)
-        for key in ("image", "model", "session", "label", "file", "save_label"):
+        for key in ("image", "model", "session", "label", "file", "save_label", "label_tag", "model_filename"):
             if key in p:
                 raise RequestRejected(400, f"params may not set {key!r}" + (
-                    "; save corrected labels with PUT /datastore/label" if key == "save_label" else ""))
+                    "; save corrected labels with PUT /datastore/label" if key in ("save_label", "label_tag") else ""))
+        if "result_extension" in p and p["result_extension"] not in RESULT_EXTENSIONS:
+            raise RequestRejected(400, f"params result_extension={p['result_extension']!r}: one of "
+                                       f"{list(RESULT_EXTENSIONS)} expected")
         if label:
             raise RequestRejected(400, "a label input is not used by the zoo's models")
         if output == ResultType.dicom_seg:
