@@ -11,7 +11,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("cli", "data", "errors", "evaluation", "fastpath", "fucci", "handlers", "io", "isl", "losses", "metrics",
-               "networks", "outputs", "report", "segmentation", "synthetic", "transforms")
+               "networks", "outputs", "progress", "report", "segmentation", "synthetic", "transforms")
 
 
 def __getattr__(name):
