@@ -22,6 +22,15 @@ Conventions
 Arrays are ``YX`` (2D) or ``ZYX`` (3D); ``spacing`` is the voxel size in micrometres
 in the same axis order. Label images use 0 for background and positive integers for
 objects (labels need not be consecutive).
+
+Degenerate inputs
+-----------------
+A metric that is undefined on its input (constant reference image, empty mask, image
+smaller than the metric's window, all-constant validation set) raises
+:class:`DegenerateInputError` (a ``ValueError``) saying what is wrong and what to do.
+Where a value is meaningful it is returned and documented instead: Pearson's r of a
+constant image is 0.0, instance scores of two empty label images are 1.0, PSNR of
+identical images is ``inf``. No function returns NaN unless its docstring says so.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components as _graph_components
 
 __all__ = [
+    "DegenerateInputError",
     "pearson_r",
     "psnr",
     "ssim",
@@ -65,6 +75,11 @@ __all__ = [
 DEFAULT_IOU_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
 
+class DegenerateInputError(ValueError):
+    """A metric is undefined on this input (constant image, empty mask, image smaller than the
+    metric's window); the message says which input, what is wrong and what to do."""
+
+
 # ----------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------
@@ -77,7 +92,8 @@ def _pair(pred, target, mask=None, name="pred"):
     if mask is not None:
         mask = _as_mask(mask, target.shape)
         if not mask.any():
-            raise ValueError("mask is empty: no voxel to evaluate")
+            raise DegenerateInputError("mask is empty: no voxel to evaluate; give a mask with foreground, or "
+                                       "evaluate the whole image (mask=None)")
         return pred[mask], target[mask]
     return pred, target
 
@@ -120,8 +136,10 @@ def pearson_r(pred, target, mask=None):
 
     Raises
     ------
+    DegenerateInputError
+        Empty mask.
     ValueError
-        Shape mismatch or empty mask.
+        Shape mismatch.
     """
     x, y = _pair(pred, target, mask)
     x = x.ravel()
@@ -160,16 +178,19 @@ def psnr(pred, target, data_range=None, mask=None):
 
     Raises
     ------
+    DegenerateInputError
+        Empty mask, or a zero data range (constant target and no explicit
+        ``data_range``).
     ValueError
-        Shape mismatch, empty mask, or a zero data range (constant target and no
-        explicit ``data_range``).
+        Shape mismatch.
     """
     if data_range is None:
         t = np.asarray(target)
         data_range = float(t.max()) - float(t.min()) if t.size else 0.0
     x, y = _pair(pred, target, mask)
     if not data_range > 0:
-        raise ValueError("data_range is 0 (constant target): pass data_range explicitly")
+        raise DegenerateInputError(f"data_range is {data_range} (constant target): PSNR is undefined; pass "
+                                   "data_range explicitly (e.g. the range of the training targets)")
     mse = float(np.mean((x - y) ** 2))
     if mse == 0:
         return float("inf")
@@ -210,9 +231,11 @@ def ssim(pred, target, data_range=None, mask=None, win_size=None, gaussian_weigh
 
     Raises
     ------
+    DegenerateInputError
+        Constant target without ``data_range``, an axis shorter than ``win_size``, or
+        a mask with no voxel inside the interior.
     ValueError
-        Shape mismatch, ndim not 2 or 3, constant target without ``data_range``, or a
-        mask with no voxel inside the interior.
+        Shape mismatch, ndim not 2 or 3.
     """
     from skimage.metrics import structural_similarity
 
@@ -225,11 +248,12 @@ def ssim(pred, target, data_range=None, mask=None, win_size=None, gaussian_weigh
     if data_range is None:
         data_range = float(target.max() - target.min())
     if not data_range > 0:
-        raise ValueError("data_range is 0 (constant target): pass data_range explicitly")
+        raise DegenerateInputError(f"data_range is {data_range} (constant target): SSIM is undefined; pass "
+                                   "data_range explicitly (e.g. the range of the training targets)")
     if win_size is None:  # scikit-image's rule, needed here to know its border crop
         win_size = 2 * int(3.5 * kwargs.get("sigma", 1.5) + 0.5) + 1 if gaussian_weights else 7
     if min(pred.shape) < win_size:
-        raise ValueError(
+        raise DegenerateInputError(
             f"every axis must be >= win_size={win_size}, got shape {pred.shape}; pass a smaller odd win_size"
         )
     mssim, smap = structural_similarity(
@@ -249,7 +273,8 @@ def ssim(pred, target, data_range=None, mask=None, win_size=None, gaussian_weigh
     inner[tuple(slice(pad, s - pad) for s in mask.shape)] = True
     sel = mask & inner
     if not sel.any():
-        raise ValueError("mask has no voxel at least (win_size-1)//2 from the border")
+        raise DegenerateInputError(f"mask has no voxel at least {pad} (= (win_size-1)//2) voxels from the border; "
+                                   "pass a smaller odd win_size or a larger mask")
     return float(smap[sel].mean(dtype=np.float64))
 
 
@@ -278,6 +303,24 @@ def rescale_to_range(pred, lo, hi):
     return lo + (pred - pmin) * ((hi - lo) / (pmax - pmin))
 
 
+def _ms_ssim_min_size(ms_ssim_kwargs) -> int:
+    """Smallest slice side (px) that torchmetrics' MS-SSIM accepts with these settings.
+
+    Its rules: side >= 2**n and side // max(1, n - 1)**2 > kernel_size - 1 (n = len(betas)), and the
+    reflect padding of the Gaussian window (half-width ``int(3.5 sigma + 0.5)``, or ``(kernel_size - 1) // 2``
+    without ``gaussian_kernel``) must be smaller than the side at the coarsest scale, side // 2**(n-1);
+    MicroSSIM's fit needs 7 px (a 7-px SSIM window).
+    """
+    betas = ms_ssim_kwargs.get("betas", (0.0448, 0.2856, 0.3001, 0.2363, 0.1333))
+    n = len(betas)
+    k = ms_ssim_kwargs.get("kernel_size", 11)
+    k = max(k) if isinstance(k, (tuple, list)) else int(k)
+    sigma = ms_ssim_kwargs.get("sigma", 1.5)
+    sigma = max(sigma) if isinstance(sigma, (tuple, list)) else float(sigma)
+    pad = int(3.5 * sigma + 0.5) if ms_ssim_kwargs.get("gaussian_kernel", True) else (k - 1) // 2
+    return max(2 ** n, k * max(1, n - 1) ** 2, (pad + 1) * 2 ** (n - 1), 7)
+
+
 def microssim_3d(pred, target, bg_percentile=3, **ms_ssim_kwargs):
     """MicroMS3IM (Ashesh et al. 2024, PyPI ``microssim``) of a 3D stack.
 
@@ -294,17 +337,24 @@ def microssim_3d(pred, target, bg_percentile=3, **ms_ssim_kwargs):
     **ms_ssim_kwargs
         Passed to ``torchmetrics`` ``MultiScaleStructuralSimilarityIndexMeasure``
         (e.g. ``betas=(0.5, 0.5)`` and ``kernel_size=7`` for slices smaller than
-        ~160 px, which the default 5 scales with an 11-px kernel need).
+        176 px, which the default 5 scales with an 11-px kernel need).
 
     Returns
     -------
     float
-        Mean MicroMS3IM over z slices.
+        Mean MicroMS3IM over the z slices where the target is not constant. A slice
+        where the target is constant has no MS-SSIM (the package takes the slice's
+        range as data range, 0 there, and gives an arbitrary 0 or NaN) and is left out,
+        so blank or padded slices at the ends of a stack do not change the score.
 
     Raises
     ------
     ImportError
         The ``microssim`` package is not installed.
+    DegenerateInputError
+        The target is constant over the whole stack or in every slice, or a slice is
+        smaller than the MS-SSIM settings allow (the message gives the minimum and
+        settings that fit).
     ValueError
         Not 3D, or shape mismatch.
     """
@@ -319,9 +369,28 @@ def microssim_3d(pred, target, bg_percentile=3, **ms_ssim_kwargs):
     target = np.asarray(target, dtype=np.float64)
     if pred.shape != target.shape or pred.ndim != 3:
         raise ValueError(f"microssim_3d expects two ZYX stacks of equal shape, got {pred.shape} and {target.shape}")
+    need = _ms_ssim_min_size(ms_ssim_kwargs)
+    if min(target.shape[1:]) < need:
+        raise DegenerateInputError(
+            f"microssim_3d: slices of {target.shape[1]}x{target.shape[2]} px are smaller than the {need} px that "
+            f"MS-SSIM needs with {ms_ssim_kwargs or 'its default 5 scales and 11-px kernel'}; pass "
+            "betas=(0.5, 0.5), kernel_size=7 (slices >= 12 px), or skip MicroMS3IM for such small images")
+    if target.max() == target.min():
+        raise DegenerateInputError(f"microssim_3d: the target is constant (every value {target.flat[0]:g}): "
+                                   "MicroMS3IM is undefined; evaluate on a target with structure")
+    keep = [z for z in range(target.shape[0]) if target[z].max() > target[z].min()]
     metric = MicroMS3IM(bg_percentile=bg_percentile)
-    metric.fit(target, pred)
-    scores = [float(metric.score(target[z], pred[z], **ms_ssim_kwargs)) for z in range(target.shape[0])]
+    try:
+        metric.fit(target, pred)
+        scores = [float(metric.score(target[z], pred[z], **ms_ssim_kwargs)) for z in keep]
+    except (ValueError, RuntimeError) as err:  # the packages' own size checks, in case ours missed a rule
+        raise DegenerateInputError(f"microssim_3d: stacks of shape {target.shape} with MS-SSIM settings "
+                                   f"{ms_ssim_kwargs}: {err}; pass betas=(0.5, 0.5), kernel_size=7 or skip "
+                                   "MicroMS3IM") from err
+    bad = [z for z, v in zip(keep, scores) if not np.isfinite(v)]
+    if bad:
+        raise DegenerateInputError(f"microssim_3d: MS-SSIM is not finite in z slice(s) {bad} (normalised target "
+                                   "range 0 after the background offset?); check those slices of the target")
     return float(np.mean(scores))
 
 
@@ -342,16 +411,21 @@ def background_variability(pred, mask):
     float
         Population std (ddof=0) of the background voxels, in the units of ``pred``.
 
+        An empty mask (no foreground) gives the std of the whole image.
+
     Raises
     ------
+    DegenerateInputError
+        No background voxel (the mask covers the whole image).
     ValueError
-        Shape mismatch or no background voxel.
+        Shape mismatch.
     """
     pred = np.asarray(pred, dtype=np.float64)
     mask = _as_mask(mask, pred.shape)
     bg = pred[~mask]
     if bg.size == 0:
-        raise ValueError("mask covers the whole image: no background to evaluate")
+        raise DegenerateInputError("mask covers the whole image: no background to evaluate; background "
+                                   "variability needs a foreground mask that leaves some background")
     return float(bg.std())
 
 
@@ -397,7 +471,18 @@ def fourier_ring_correlation(a, b, spacing=1.0, n_bins=None, window="hann"):
     freqs : ndarray, shape (n_bins,)
         Bin centres in 1/um.
     frc : ndarray, shape (n_bins,)
-        Correlation in [-1, 1]; 0 where a bin has no energy.
+        Correlation in [-1, 1]; 0 where a bin has no energy in ``a`` or ``b``.
+
+    Raises
+    ------
+    DegenerateInputError
+        ``a`` or ``b`` is constant (all zero included): it has no structure to correlate,
+        and after apodisation its spectrum is the window's, so any curve would be an
+        artefact. A constant *prediction* has resolved nothing; callers that compare
+        models report that as an infinitely coarse resolution (see
+        :func:`common.evaluation.pixel_metrics`).
+    ValueError
+        Shape mismatch, ndim not 2 or 3.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -405,6 +490,12 @@ def fourier_ring_correlation(a, b, spacing=1.0, n_bins=None, window="hann"):
         raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
     if a.ndim not in (2, 3):
         raise ValueError(f"FRC expects a 2D or 3D image, got ndim={a.ndim}")
+    for name, x in (("a", a), ("b", b)):
+        if x.size == 0 or x.max() == x.min():
+            value = f" (every value {x.flat[0]:g})" if x.size else ""
+            raise DegenerateInputError(f"Fourier ring correlation: image {name} is constant{value}, so there is no "
+                                       "structure to correlate; check the image (a blank or failed acquisition or "
+                                       "prediction)")
     sp = _spacing_tuple(spacing, a.ndim)
     if window is not None:
         from skimage.filters import window as _window
@@ -471,11 +562,28 @@ def frc_resolution(freqs, curve, threshold=1.0 / 7.0):
         below the threshold the resolution is limited by sampling and
         ``1 / freqs[-1]`` is returned; if it is already below at the second bin,
         ``1 / freqs[1]``.
+
+    Raises
+    ------
+    DegenerateInputError
+        The curve has NaN/inf values, or is 0 in every bin (no energy anywhere: the
+        curve of two blank images), or the frequencies are not positive and increasing.
+    ValueError
+        Shapes.
     """
     freqs = np.asarray(freqs, dtype=np.float64)
     curve = np.asarray(curve, dtype=np.float64)
     if freqs.shape != curve.shape or freqs.ndim != 1 or freqs.size < 2:
         raise ValueError("freqs and curve must be 1D arrays of equal length >= 2")
+    if not (np.isfinite(curve).all() and np.isfinite(freqs).all()):
+        raise DegenerateInputError("FRC curve or frequencies contain NaN/inf: no resolution can be read; "
+                                   "compute the curve with fourier_ring_correlation on non-constant images")
+    if not np.any(curve):
+        raise DegenerateInputError("FRC curve is 0 in every bin (neither image has energy: blank images?); "
+                                   "no resolution can be read")
+    if freqs[1] <= 0 or np.any(np.diff(freqs) <= 0):
+        raise DegenerateInputError("FRC frequencies must be positive (after the first bin) and increasing; "
+                                   "pass the freqs returned by fourier_ring_correlation")
     below = np.nonzero(curve[1:] < threshold)[0]
     if below.size == 0:
         return float(1.0 / freqs[-1])
@@ -1076,6 +1184,11 @@ def feature_profile_distance(feats_a, feats_b, features=None, reference=None):
     float
         Cosine distance in [0, 2]; 0.0 if both profiles are the zero vector, 1.0 if
         exactly one is. Features with zero std in the reference are only centred.
+
+    Raises
+    ------
+    DegenerateInputError
+        A population without any object.
     """
     import pandas as pd
 
@@ -1084,7 +1197,8 @@ def feature_profile_distance(feats_a, feats_b, features=None, reference=None):
     ref = fa if reference is None else pd.DataFrame(reference)
     cols = _feature_columns(fa, fb, features)
     if len(fa) == 0 or len(fb) == 0:
-        raise ValueError("both populations need at least one object")
+        raise DegenerateInputError(f"feature profiles need at least one object in each population, got {len(fa)} "
+                                   f"and {len(fb)}; check the segmentations (no object found?)")
     mu = ref[cols].to_numpy(np.float64).mean(0)
     sd = ref[cols].to_numpy(np.float64).std(0)
     sd = np.where(sd > 0, sd, 1.0)
@@ -1144,7 +1258,9 @@ def _batch_range_psnr(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     MONAI's ``PSNRMetric`` needs one fixed ``max_val``; z-scored microscopy targets have none, so
     each sample uses its own target range (the convention of :func:`psnr`). A perfect prediction
-    gives +inf; a constant target (range 0) gives NaN, which MONAI's mean reduction skips.
+    gives +inf; a constant target (range 0) has no PSNR: NaN in the buffer, which MONAI's mean
+    reduction leaves out (as MONAI's ``DiceMetric`` does with an empty ground truth) and which
+    :meth:`RangePSNRMetric.aggregate` refuses when no sample is left.
     """
     x = y_pred.detach().reshape(y_pred.shape[0], -1).double()
     t = y.detach().reshape(y.shape[0], -1).double().to(x.device)
@@ -1156,12 +1272,27 @@ def _batch_range_psnr(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class RangePSNRMetric(PearsonMetric):
-    """Per-sample PSNR using each target's intensity range, accumulated like :class:`PearsonMetric`."""
+    """Per-sample PSNR using each target's intensity range, accumulated like :class:`PearsonMetric`.
+
+    Same value as :func:`psnr` ``(pred, target)`` per sample. Where :func:`psnr` raises for a
+    constant target, this metric (which sees whole validation sets, following MONAI's convention)
+    records NaN for that sample and leaves it out of the mean; ``get_not_nans=True`` returns how
+    many samples counted. ``aggregate()`` raises :class:`DegenerateInputError` when every
+    sample's target is constant, instead of MONAI's 0.
+    """
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if y is None:
             raise ValueError("RangePSNRMetric needs both y_pred and y")
         return _batch_range_psnr(y_pred, y)
+
+    def aggregate(self, reduction: MetricReduction | str | None = None):
+        data = self.get_buffer()
+        if isinstance(data, torch.Tensor) and data.numel() and bool(torch.isnan(data).all()):
+            raise DegenerateInputError(f"RangePSNR: all {data.shape[0]} target(s) are constant, so PSNR over the "
+                                       "target's range is undefined; validate on targets with structure "
+                                       "(scripts/check_data.py lists constant images)")
+        return super().aggregate(reduction)
 
 
 class RangePSNR(IgniteMetricHandler):

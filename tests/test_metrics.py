@@ -363,3 +363,125 @@ def test_feature_profiles_and_matched_correlation():
     big["volume"] *= 3
     big["surface_area"] *= 2
     assert M.feature_profile_distance(fg, big) > 0.05
+
+
+# ----------------------------------------------------------------------------------
+# degenerate inputs: the project's named error or a documented value, never a silent NaN
+# ----------------------------------------------------------------------------------
+def test_degenerate_error_is_a_value_error_with_advice():
+    assert issubclass(M.DegenerateInputError, ValueError)
+    t = np.full((8, 8), 3.0)
+    with pytest.raises(M.DegenerateInputError, match=r"constant target.*pass data_range explicitly"):
+        M.psnr(t + 1, t)
+    with pytest.raises(M.DegenerateInputError, match=r"constant target.*pass data_range explicitly"):
+        M.ssim(t + 1, t)
+    # with an explicit range both are defined: MSE 1, range 2 -> 10 log10(4) dB
+    assert M.psnr(t + 1, t, data_range=2.0) == pytest.approx(10 * np.log10(4.0))
+
+
+@pytest.mark.parametrize("fn", [M.pearson_r, M.psnr])
+def test_empty_mask_is_named(fn):
+    p, t = _pair3d()
+    with pytest.raises(M.DegenerateInputError, match="mask is empty.*mask=None"):
+        fn(p, t, mask=np.zeros(t.shape, bool))
+
+
+def test_ssim_window_larger_than_image_or_mask_interior_is_named():
+    p, t = _pair3d((5, 20, 24))
+    with pytest.raises(M.DegenerateInputError, match="win_size=7.*smaller odd win_size"):
+        M.ssim(p, t)
+    p, t = _pair3d((12, 20, 24))
+    border = np.zeros(t.shape, bool)
+    border[0] = True  # only the first slice: no voxel 3 from the border
+    with pytest.raises(M.DegenerateInputError, match="no voxel at least 3"):
+        M.ssim(p, t, mask=border)
+
+
+def test_background_variability_edge_cases():
+    x = np.array([[1.0, 3.0], [5.0, 7.0]])
+    assert M.background_variability(x, np.zeros((2, 2), bool)) == pytest.approx(np.sqrt(5.0))  # whole image
+    assert M.background_variability(x, np.array([[True, True], [False, False]])) == pytest.approx(1.0)
+    with pytest.raises(M.DegenerateInputError, match="covers the whole image"):
+        M.background_variability(x, np.ones((2, 2), bool))
+
+
+def test_microssim_3d_constant_target_and_small_slices_are_named():
+    pytest.importorskip("microssim")
+    rng = np.random.default_rng(3)
+    t, p = rng.random((3, 40, 40)), rng.random((3, 40, 40))
+    with pytest.raises(M.DegenerateInputError, match="target is constant"):
+        M.microssim_3d(p, np.full_like(t, 2.0), betas=(0.5, 0.5), kernel_size=7)
+    # default settings: 5 scales with an 11-px window need 176 px (the package's own error said 160)
+    with pytest.raises(M.DegenerateInputError, match=r"40x40 px are smaller than the 176 px.*betas=\(0.5, 0.5\)"):
+        M.microssim_3d(p, t)
+    # the exact minimum of each setting works, one pixel less is the named error
+    for kw, need in [({"betas": (0.5, 0.5), "kernel_size": 7}, 12), ({"kernel_size": 7}, 112), ({}, 176)]:
+        a, b = rng.random((1, need, need + 3)), rng.random((1, need, need + 3))
+        assert np.isfinite(M.microssim_3d(a, b, **kw))
+        with pytest.raises(M.DegenerateInputError, match=f"smaller than the {need} px"):
+            M.microssim_3d(a[:, 1:], b[:, 1:], **kw)
+
+
+def test_microssim_3d_leaves_out_constant_target_slices():
+    microssim = pytest.importorskip("microssim")
+    rng = np.random.default_rng(4)
+    t, p = ndi.gaussian_filter(rng.random((4, 32, 32)), 1), rng.random((4, 32, 32))
+    t[0] = t[3] = 0.0  # blank (padded) slices at both ends
+    kw = {"betas": (0.5, 0.5), "kernel_size": 7}
+    got = M.microssim_3d(p, t, **kw)
+    ref = microssim.MicroMS3IM(bg_percentile=3)
+    ref.fit(t, p)
+    expected = np.mean([float(ref.score(t[z], p[z], **kw)) for z in (1, 2)])
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-6)
+    # the package scores a blank slice with a data range of 0 (0 here, NaN for a blank stack): arbitrary values
+    # that would pull the mean; they are left out
+    assert float(ref.score(t[0], p[0], **kw)) == 0.0
+
+
+def test_range_psnr_metric_agrees_with_psnr_on_constant_targets():
+    t = torch.ones(1, 1, 4, 4)
+    p = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(M.DegenerateInputError):
+        M.psnr(p[0, 0].numpy(), t[0, 0].numpy())
+    m = M.RangePSNRMetric()
+    m(p, t)
+    with pytest.raises(M.DegenerateInputError, match="all 1 target.*constant"):
+        m.aggregate()  # MONAI's reduction alone would return 0 dB
+    # a constant target beside a real one: left out of the mean and counted
+    rng = np.random.default_rng(0)
+    good_t = rng.random((4, 4)).astype(np.float32)
+    good_p = (good_t + 0.1).astype(np.float32)  # MSE 0.01
+    m = M.RangePSNRMetric(get_not_nans=True)
+    m(torch.stack([p[0], torch.as_tensor(good_p)[None]]), torch.stack([t[0], torch.as_tensor(good_t)[None]]))
+    value, counted = m.aggregate()
+    expected = 10 * np.log10(float(good_t.max() - good_t.min()) ** 2 / 0.01)
+    assert float(value) == pytest.approx(expected, rel=1e-4) and float(counted) == 1
+    assert float(value) == pytest.approx(M.psnr(good_p, good_t), rel=1e-4)
+
+
+@pytest.mark.parametrize("a, b", [(np.zeros((32, 32)), np.zeros((32, 32))),
+                                  (np.ones((32, 32)), RNG.random((32, 32))),
+                                  (RNG.random((8, 16, 16)), np.full((8, 16, 16), 7.0))])
+def test_frc_of_a_constant_image_is_named(a, b):
+    with pytest.raises(M.DegenerateInputError, match="is constant"):
+        M.fourier_ring_correlation(a, b)
+
+
+def test_frc_resolution_by_hand_and_degenerate_curves():
+    freqs = np.array([0.1, 0.2, 0.3, 0.4])
+    # first drop below 1/7 between 0.2 (0.5) and 0.3 (0.1): f_c = 0.2 + (0.5 - 1/7) * 0.1 / 0.4
+    fc = 0.2 + (0.5 - 1 / 7) * 0.1 / 0.4
+    assert M.frc_resolution(freqs, np.array([1.0, 0.5, 0.1, 0.0])) == pytest.approx(1 / fc)
+    assert M.frc_resolution(freqs, np.array([1.0, 0.9, 0.8, 0.7])) == pytest.approx(1 / 0.4)  # never drops
+    with pytest.raises(M.DegenerateInputError, match="0 in every bin"):
+        M.frc_resolution(freqs, np.zeros(4))
+    with pytest.raises(M.DegenerateInputError, match="NaN/inf"):
+        M.frc_resolution(freqs, np.array([1.0, np.nan, 0.1, 0.0]))
+
+
+def test_feature_profile_distance_without_objects_is_named():
+    import pandas as pd
+
+    a = pd.DataFrame({"label": [1, 2], "volume": [10.0, 12.0]})
+    with pytest.raises(M.DegenerateInputError, match="at least one object.*got 2 and 0"):
+        M.feature_profile_distance(a, a.iloc[:0])
