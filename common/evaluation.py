@@ -39,6 +39,7 @@ import numpy as np
 
 from common.metrics import (
     DEFAULT_IOU_THRESHOLDS,
+    DegenerateInputError,
     background_variability,
     dataset_average_precision,
     feature_profile_distance,
@@ -57,6 +58,8 @@ from common.segmentation import cellpose_segment, otsu_watershed
 from common.transforms import otsu_threshold
 
 __all__ = [
+    "EvaluationInputError",
+    "voxel_sizes",
     "DEFAULT_WATERSHED",
     "DEFAULT_WATERSHED_GRID",
     "DEFAULT_SWEEP_LEVELS",
@@ -81,7 +84,12 @@ DEFAULT_WATERSHED_GRID = {"sigma": (1.0, 2.0), "min_distance_um": (1.5, 2.0)}
 #: Levels of the threshold sweep, as fractions of the target range above its minimum.
 DEFAULT_SWEEP_LEVELS = (0.0, 0.1, 0.2, 0.3)
 
-_MS_SSIM_SMALL = dict(betas=(0.5, 0.5), kernel_size=7)  # 2 scales, 7-px kernel: fits slices >= ~28 px
+class EvaluationInputError(ValueError):
+    """An input of the evaluation is unusable (e.g. a file without a voxel size); the message names the
+    file(s), the problem and what to do."""
+
+
+_MS_SSIM_SMALL = dict(betas=(0.5, 0.5), kernel_size=7)  # 2 scales, 7-px kernel: fits slices >= 12 px
 
 
 def foreground_of(target) -> np.ndarray:
@@ -113,6 +121,13 @@ def remove_border_objects(labels, border_z: bool = False) -> np.ndarray:
     return clear_border(labels, mask=inside)
 
 
+def _fsc_resolution(p: np.ndarray, target: np.ndarray, spacing) -> float:
+    """FSC resolution of ``p`` against ``target``; ``inf`` (nothing resolved) when ``p`` is constant."""
+    if p.max() == p.min():
+        return float("inf")
+    return frc_resolution(*fourier_ring_correlation(p, target, spacing))
+
+
 def _masked_copy(x: np.ndarray, mask: np.ndarray, fill: float) -> np.ndarray:
     out = np.array(x, dtype=np.float64, copy=True)
     out[~mask] = fill
@@ -142,9 +157,21 @@ def pixel_metrics(pred, target, target_range: Sequence[float], spacing=(1.0, 1.0
         voxels are set to ``lo`` (so only foreground structure differs; the shared flat background
         inflates these two values, so compare them between models, not with the whole-image ones);
         MicroMS3IM over the z-slices that contain foreground.
+
+        Degenerate cases: a constant prediction (a collapsed model) scores Pearson 0 and an FSC
+        resolution of ``inf`` (nothing resolved; lower is better), the other metrics as they come.
+
+    Raises:
+        DegenerateInputError: a constant target (no foreground, nothing to compare with), an empty
+            ``fg``, or ``hi <= lo``.
     """
     lo, hi = (float(v) for v in target_range)
     target = np.asarray(target, dtype=np.float64)
+    if not hi > lo:
+        raise DegenerateInputError(f"target_range ({lo}, {hi}) is empty; give lo < hi (the training targets' range)")
+    if target.size == 0 or target.max() == target.min():
+        raise DegenerateInputError(f"the target is constant (every value {target.flat[0] if target.size else '-'}): "
+                                   "no foreground and no structure to compare a prediction with; leave it out")
     p = rescale_to_range(pred, lo, hi) if rescale else np.asarray(pred, dtype=np.float64)
     fg = foreground_of(target) if fg is None else np.asarray(fg, bool)
     dr = hi - lo
@@ -156,15 +183,15 @@ def pixel_metrics(pred, target, target_range: Sequence[float], spacing=(1.0, 1.0
         "ssim_fg": ssim(p, target, data_range=dr, mask=fg, win_size=win),
         "pearson": pearson_r(p, target),
         "pearson_fg": pearson_r(p, target, mask=fg),
-        "fsc_res_um": frc_resolution(*fourier_ring_correlation(p, target, spacing)),
+        "fsc_res_um": _fsc_resolution(p, target, spacing),
         "bg_std": background_variability(p, fg),
     }
     pm, tm = _masked_copy(p, fg, lo), _masked_copy(target, fg, lo)
-    out["fsc_res_um_fg"] = frc_resolution(*fourier_ring_correlation(pm, tm, spacing))
+    out["fsc_res_um_fg"] = _fsc_resolution(pm, tm, spacing)
     if microssim:
         out["ms3im"] = microssim_3d(p, target, **_MS_SSIM_SMALL)
         zs = np.flatnonzero(fg.any(axis=(1, 2)))  # a slice without foreground is constant here: no SSIM
-        out["ms3im_fg"] = microssim_3d(pm[zs], tm[zs], **_MS_SSIM_SMALL) if zs.size else float("nan")
+        out["ms3im_fg"] = microssim_3d(pm[zs], tm[zs], **_MS_SSIM_SMALL)  # fg is not empty (checked by psnr_fg)
     return out
 
 
@@ -253,7 +280,9 @@ def feature_comparison(pairs: Sequence[tuple], reference=None, iou_threshold: fl
         dict: ``cosine_distance`` between the median profiles of the pooled populations
         (:func:`common.metrics.feature_profile_distance`), ``n_target``, ``n_pred``, ``n_matched``,
         ``correlation`` ``{feature: Pearson r over matched objects pooled over images}`` and
-        ``mean_correlation`` (over features, NaN-free ones).
+        ``mean_correlation`` (over features, NaN-free ones). Not available, NaN by design (and
+        ``-`` in the report): ``cosine_distance`` and every correlation when either side has no
+        object, a feature's r when fewer than 2 objects are matched (r of a constant feature is 0).
     """
     import pandas as pd
 
@@ -323,13 +352,68 @@ def dataset_target_range(target_paths: Sequence[str]) -> tuple[float, float]:
         arr, _, _ = read_image(p)
         lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
     if not hi > lo:
-        raise ValueError(f"the targets {list(target_paths)} are constant: no intensity range")
+        raise DegenerateInputError(f"the targets {list(target_paths)} are constant (every value {lo:g}): no "
+                                   "intensity range to rescale predictions onto; give --target_range lo,hi or "
+                                   "targets with structure")
     return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------------------------
 # whole data set -> report
 # ----------------------------------------------------------------------------------------------
+def voxel_sizes(paths: Sequence[str], voxel_size: Sequence[float] | None = None) -> dict:
+    """The voxel size ``(dz, dy, dx)`` in um of each file: from the file, or ``voxel_size`` for all.
+
+    The evaluation measures in micrometres (the watershed's minimum object size and marker
+    distance, object volumes and axes, the FSC resolution), so a file that carries no voxel size
+    (a plain TIFF, a PNG) cannot be evaluated on a guess.
+
+    Args:
+        paths: image files (``ZYX``).
+        voxel_size: the voxel size to use for every file (e.g. from ``--voxel_size``); files that
+            carry their own are then overridden (a note lists them when they differ).
+
+    Returns:
+        ``{path: (dz, dy, dx)}``.
+
+    Raises:
+        EvaluationInputError: ``voxel_size`` is not three positive numbers, or it is ``None`` and
+            a file carries no voxel size (the message names the files and the option to pass).
+    """
+    from common.io import read_image
+
+    if voxel_size is not None:
+        try:
+            vs = tuple(float(v) for v in voxel_size)
+        except (TypeError, ValueError):
+            vs = ()
+        if len(vs) != 3 or not all(np.isfinite(v) and v > 0 for v in vs):
+            raise EvaluationInputError(f"voxel size {voxel_size!r} is not three positive numbers z,y,x in um "
+                                       "(e.g. --voxel_size 0.29,0.108,0.108)")
+        voxel_size = vs
+    out, missing, differ = {}, [], []
+    for p in dict.fromkeys(paths):
+        _, sp, known = read_image(p)
+        if voxel_size is not None:
+            if known and not np.allclose(sp, voxel_size, rtol=0.01):
+                differ.append(f"{os.path.basename(p)} {tuple(round(v, 4) for v in sp)}")
+            out[p] = voxel_size
+        elif known:
+            out[p] = tuple(float(v) for v in sp)
+        else:
+            missing.append(p)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise EvaluationInputError(
+            f"{missing[0]}{more}: no voxel size in the file (plain TIFF or PNG?); the evaluation measures in "
+            "micrometres (object sizes, watershed distances, FSC resolution): pass --voxel_size z,y,x in um "
+            "(e.g. --voxel_size 0.29,0.108,0.108) or write the files as OME-TIFF with their voxel size")
+    if differ:
+        print(f"note: --voxel_size {voxel_size} replaces the voxel size of {len(differ)} file(s): "
+              + ", ".join(differ[:3]) + (" ..." if len(differ) > 3 else ""), flush=True)
+    return out
+
+
 def _find_prediction(folder: str, signal_path: str, postfix: str) -> str:
     from common.io import SaveOmeTiff
 
@@ -351,7 +435,7 @@ def evaluate_dataset(manifest: str, predictions: Mapping[str, str], out_dir: str
                      watershed_params: Mapping | None = None, tune: bool = True, cellpose_model: str | None = None,
                      sweep_levels: Sequence[float] | None = DEFAULT_SWEEP_LEVELS, postfix: str = "_pred",
                      microssim: bool = True, title: str = "Virtual staining evaluation (Spotlight protocol)",
-                     notes: str = "") -> dict:
+                     notes: str = "", voxel_size: Sequence[float] | None = None) -> dict:
     """Evaluate folders of predictions against the targets (and labels) of a manifest; write a report.
 
     Args:
@@ -368,19 +452,35 @@ def evaluate_dataset(manifest: str, predictions: Mapping[str, str], out_dir: str
         tune: tune the watershed on the training targets against their labels.
         sweep_levels: threshold-sweep levels (``None`` or empty: no sweep).
         microssim: compute MicroMS3IM.
+        voxel_size: ``(dz, dy, dx)`` in um for every target, required when a target file carries
+            none (see :func:`voxel_sizes`).
 
     Returns:
         the metrics dictionary also written to ``metrics.json``.
+
+    Raises:
+        EvaluationInputError, ManifestError, ImageReadError, FileNotFoundError: checked before any
+        computation (voxel sizes, manifests, files, the predictions' presence); nothing is written.
+        The report files are written into a temporary folder beside ``out_dir`` and moved into
+        ``out_dir`` at the end, so a failure half-way leaves no partial report.
     """
+    import shutil
+    import tempfile
+
     from common.data import read_manifest
     from common.io import read_image
     from common.report import write_json
 
     t0 = time.time()
-    os.makedirs(out_dir, exist_ok=True)
     opt = {"path_label": "gt"}
     recs = read_manifest(manifest, optional=opt)
     train_recs = read_manifest(train_manifest, optional=opt) if train_manifest else recs
+    tuning = backend == "watershed" and tune and not watershed_params and all("gt" in r for r in train_recs)
+    spacing = voxel_sizes([r["label"] for r in recs] + ([r["label"] for r in train_recs] if tuning else []),
+                          voxel_size)
+    for r in recs:  # every prediction present before any work
+        for n in predictions:
+            _find_prediction(predictions[n], r["image"], postfix)
     if target_range is None:
         target_range = dataset_target_range([r["label"] for r in train_recs])
     lo, hi = (float(v) for v in target_range)
@@ -388,11 +488,31 @@ def evaluate_dataset(manifest: str, predictions: Mapping[str, str], out_dir: str
 
     def load(path):
         arr, sp, _ = read_image(path)
-        return arr[0], sp
+        return arr[0], spacing.get(path, sp)
 
+    final_dir = out_dir
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    out_dir = tempfile.mkdtemp(prefix=".tmp_report_", dir=parent)
+    try:
+        result = _evaluate(recs, train_recs, tuning, predictions, out_dir, lo, hi, has_gt, load, backend,
+                           watershed_params, cellpose_model, sweep_levels, postfix, microssim, title, notes, t0,
+                           write_json)
+        os.makedirs(final_dir, exist_ok=True)
+        for name in sorted(os.listdir(out_dir)):
+            os.replace(os.path.join(out_dir, name), os.path.join(final_dir, name))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    print(f"report written to {final_dir}/report.md ({result['seconds']} s)", flush=True)
+    return result
+
+
+def _evaluate(recs, train_recs, tuning, predictions, out_dir, lo, hi, has_gt, load, backend, watershed_params,
+              cellpose_model, sweep_levels, postfix, microssim, title, notes, t0, write_json) -> dict:
+    """The body of :func:`evaluate_dataset` once every input is checked; writes into ``out_dir``."""
     seg_params = dict(watershed_params or {})
     tuning_rows = []
-    if backend == "watershed" and tune and not watershed_params and all("gt" in r for r in train_recs):
+    if tuning:
         print(f"tuning the watershed on {len(train_recs)} real target(s) against their labels", flush=True)
         ims, gts, sp = [], [], None
         for r in train_recs:
@@ -490,7 +610,6 @@ def evaluate_dataset(manifest: str, predictions: Mapping[str, str], out_dir: str
         _save_sweep(os.path.join(out_dir, "sweep.png"), result["sweep"])
     write_json(os.path.join(out_dir, "metrics.json"), result)
     _write_markdown(os.path.join(out_dir, "report.md"), result, names, title, notes, min(len(recs), 3))
-    print(f"report written to {out_dir}/report.md ({result['seconds']} s)", flush=True)
     return result
 
 

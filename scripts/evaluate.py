@@ -16,17 +16,20 @@ targets (or Cellpose with ``--backend cellpose --cellpose_model PATH``) and inst
 0.50:0.05:0.95 against the labels; per-object morphology (cosine distance of median profiles,
 per-feature correlation of matched objects); a threshold sweep. Output: ``report.md``,
 ``metrics.json`` and PNG figures in ``--out_dir``.
+
+Sizes are in micrometres, so every target needs its voxel size: from the file (OME-TIFF, ImageJ
+TIFF, NIfTI) or ``--voxel_size z,y,x`` (um) for files that carry none (plain TIFF); without either
+the script stops before any work and names the file. Bad input (an unknown option, a missing file
+or prediction, a constant target) ends with one ``evaluate: error: ...`` line and exit code 1,
+and no report folder is left behind.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
-
-try:
-    import common.evaluation  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # running from a checkout that is not installed: use the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fire
 
@@ -45,10 +48,26 @@ def _parse_predictions(predictions) -> dict:
     raise ValueError("--predictions must be a dict or 'name=folder,name=folder'")
 
 
+class CliError(ValueError):
+    """A command-line argument is unusable; the message says which and what to do."""
+
+
+def _numbers(value, name: str, n: int, example: str) -> list[float]:
+    """``"a,b,c"`` (or the tuple fire makes of it) -> ``n`` floats, else :class:`CliError`."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        out = [float(v) for v in parts]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != n:
+        raise CliError(f"--{name} {value!r}: expected {n} comma-separated numbers, e.g. --{name} {example}")
+    return out
+
+
 def main(manifest: str, predictions, out_dir: str = "report", train_manifest: str | None = None,
          target_range=None, backend: str = "watershed", cellpose_model: str | None = None, tune: bool = True,
          sweep_levels=(0.0, 0.1, 0.2, 0.3), microssim: bool = True, postfix: str = "_pred",
-         threads: int | None = 1):
+         threads: int | None = 1, voxel_size=None):
     """Evaluate the predictions of one or more models; prints where the report is.
 
     Args:
@@ -63,6 +82,8 @@ def main(manifest: str, predictions, out_dir: str = "report", train_manifest: st
         microssim: compute MicroMS3IM (slower).
         postfix: prediction file name postfix.
         threads: torch threads (MicroMS3IM and Cellpose use torch).
+        voxel_size: ``z,y,x`` in um for every target (needed when the files carry none; overrides
+            the files' own).
     """
     import torch
 
@@ -73,15 +94,57 @@ def main(manifest: str, predictions, out_dir: str = "report", train_manifest: st
     preds = _parse_predictions(predictions)
     for name, folder in preds.items():
         if not os.path.isdir(folder):
-            raise SystemExit(f"--predictions: folder '{folder}' of '{name}' not found")
+            raise CliError(f"--predictions: folder '{folder}' of '{name}' not found; run the bundle's inference "
+                           "into it first, or fix the path")
     rng = None
     if target_range is not None:
-        rng = [float(v) for v in (target_range.split(",") if isinstance(target_range, str) else target_range)]
+        rng = _numbers(target_range, "target_range", 2, "0,1000")
+    vs = None if voxel_size is None else _numbers(voxel_size, "voxel_size", 3, "0.29,0.108,0.108")
     evaluate_dataset(manifest, preds, out_dir, train_manifest=train_manifest, target_range=rng, backend=backend,
                      tune=tune, cellpose_model=cellpose_model, sweep_levels=tuple(sweep_levels or ()),
-                     postfix=postfix, microssim=microssim)
+                     postfix=postfix, microssim=microssim, voxel_size=vs)
     return os.path.join(out_dir, "report.md")
 
 
+def _is_flag(tok: str) -> bool:
+    return tok.startswith("-") and len(tok) > 1 and not re.match(r"^-\.?\d", tok)
+
+
+def check_args(fn, argv) -> None:
+    """Refuse options ``fn`` does not take, before anything runs (fire would run the whole evaluation
+    first and only then complain about an argument it could not use)."""
+    names = set(inspect.signature(fn).parameters)
+    for tok in argv:
+        if tok == "--":
+            break
+        if tok in ("-h", "--help") or not _is_flag(tok):
+            continue
+        key = tok.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if not tok.startswith("--") and len(key) == 1 and sum(n[0] == key for n in names) == 1:
+            continue  # fire's short form, e.g. -m for --manifest
+        if key not in names and not (key.startswith("no") and key[2:] in names):
+            raise CliError(f"unknown option {tok.split('=', 1)[0]!r}; options: "
+                           + " ".join(f"--{n}" for n in sorted(names)))
+
+
+def cli(argv=None) -> None:
+    """Run :func:`main` from the command line; a named error ends as one ``evaluate: error:`` line, exit 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_args(main, argv)  # before the heavy imports: a typo is answered at once
+    except CliError as e:
+        sys.exit(f"evaluate: error: {e}")
+    from common.data import ManifestError
+    from common.evaluation import EvaluationInputError
+    from common.io import ImageReadError
+    from common.metrics import DegenerateInputError
+
+    try:
+        fire.Fire(main, command=argv)
+    except (CliError, ManifestError, ImageReadError, EvaluationInputError, DegenerateInputError,
+            FileNotFoundError) as e:
+        sys.exit(f"evaluate: error: {e}")
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli()

@@ -55,6 +55,21 @@ def test_pixel_metrics_equal_scikit_image_on_the_rescaled_prediction(field):
     assert 0 < m["ms3im"] <= 1 and m["fsc_res_um"] > 0
 
 
+def test_pixel_metrics_of_a_collapsed_model_and_a_blank_target(field):
+    """A constant prediction is a (bad) model output: Pearson 0 and an FSC resolution of inf (nothing
+    resolved), no NaN; a constant target has nothing to compare with: the named error."""
+    from common.metrics import DegenerateInputError
+
+    t = field["target"]
+    rng = (float(t.min()), float(t.max()))
+    m = pixel_metrics(np.full(t.shape, 5.0), t, rng, field["spacing_um"], microssim=True)
+    assert m["pearson"] == 0.0 and m["pearson_fg"] == 0.0
+    assert m["fsc_res_um"] == np.inf and m["fsc_res_um_fg"] == np.inf
+    assert all(np.isfinite(v) for k, v in m.items() if not k.startswith("fsc")), m
+    with pytest.raises(DegenerateInputError, match="target is constant"):
+        pixel_metrics(t, np.full(t.shape, 5.0), rng, field["spacing_um"], microssim=False)
+
+
 def test_remove_border_objects_by_hand():
     lab = np.zeros((3, 6, 6), int)
     lab[1, 0, 2] = 1  # touches y = 0
@@ -173,3 +188,117 @@ def test_segment_cellpose_backend_wiring(monkeypatch):
     assert seen["dtype"] == np.float32 and set(np.unique(out)) == {0, 2}
     with pytest.raises(ValueError, match="backend"):
         E.segment(np.zeros((6, 12, 12)), backend="stardist")
+
+
+# ------------------------------------------------------------------------------------------ voxel sizes
+def _evaluate_cli(*args, cwd):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(cwd))
+
+
+def _last_line(p):
+    return (p.stderr.strip() or p.stdout.strip()).splitlines()[-1]
+
+
+def _plain_copy(tmp_path, data, rows, preds_dir, dest, imagej=False):
+    """The test manifest's files (and the predictions) re-written as TIFFs without a voxel size (or as ImageJ
+    TIFFs that carry it); returns (manifest, predictions folder)."""
+    import tifffile
+
+    from common.io import read_image
+
+    def save(src, dst):
+        arr, sp, _ = read_image(src)
+        if imagej:
+            tifffile.imwrite(dst, arr[0], imagej=True, resolution=(1 / sp[2], 1 / sp[1]),
+                             metadata={"spacing": sp[0], "unit": "um", "axes": "ZYX"})
+        else:
+            tifffile.imwrite(dst, arr[0])
+
+    (dest / "pred").mkdir(parents=True)
+    out_rows = []
+    for r in rows:
+        new = {k: v.replace(".ome.tif", ".tif") for k, v in r.items()}
+        for k in r:
+            save(data / r[k], dest / new[k])
+        stem = r["path_signal"].replace(".ome.tif", "")
+        save(preds_dir / f"{stem}_pred.ome.tif", dest / "pred" / f"{stem}_pred.tif")
+        out_rows.append(new)
+    with open(dest / "test.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(out_rows[0]))
+        w.writeheader()
+        w.writerows(out_rows)
+    return dest / "test.csv", dest / "pred"
+
+
+def test_evaluate_needs_a_voxel_size_from_the_file_or_the_option(tmp_path):
+    """Plain TIFFs carry no voxel size: a named error before any work (no report folder); with --voxel_size
+    the report equals the one of the same data as OME-TIFF with that voxel size, and another voxel size
+    changes the segmentation (so the option is really used, not a silent 1 um)."""
+    data, rows = _tiny_dataset(tmp_path)
+    from common.io import read_image
+
+    rng = np.random.default_rng(0)
+    test_rows = rows[1:]
+    for r in test_rows:
+        tgt, sp, _ = read_image(data / r["path_target"])
+        assert sp == pytest.approx((0.29, 0.29, 0.29))
+        noisy = tgt[0] + rng.normal(0, tgt[0].std(), tgt[0].shape)
+        write_ome_tiff(tmp_path / "pred" / f"{r['path_signal'].replace('.ome.tif', '')}_pred.ome.tif",
+                       noisy.astype(np.float32), spacing_um=sp)
+    plain_csv, plain_pred = _plain_copy(tmp_path, data, test_rows, tmp_path / "pred", tmp_path / "plain")
+    common = ["--target_range", "0,1000", "--tune", "False", "--microssim", "False", "--sweep_levels", "()"]
+
+    p = _evaluate_cli("--manifest", plain_csv, "--predictions", f"m={plain_pred}", "--out_dir", tmp_path / "r0",
+                      *common, cwd=tmp_path)
+    assert p.returncode == 1, p.stderr[-2000:]
+    last = _last_line(p)
+    assert last.startswith("evaluate: error: ") and "target_01.tif and 1 more: no voxel size" in last
+    assert "--voxel_size z,y,x" in last and "Traceback" not in p.stderr
+    assert not (tmp_path / "r0").exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+    p = _evaluate_cli("--manifest", plain_csv, "--predictions", f"m={plain_pred}", "--out_dir", tmp_path / "plain",
+                      *common, "--voxel_size", "0.29,0.29,0.29", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = {"plain": json.load(open(tmp_path / "plain" / "metrics.json"))}
+    from common.evaluation import evaluate_dataset
+
+    kw = dict(target_range=(0, 1000), tune=False, microssim=False, sweep_levels=())
+    runs["ome"] = evaluate_dataset(str(data / "test.csv"), {"m": str(tmp_path / "pred")}, str(tmp_path / "ome"), **kw)
+    runs["plain_1um"] = evaluate_dataset(str(plain_csv), {"m": str(plain_pred)}, str(tmp_path / "1um"),
+                                         voxel_size=(1, 1, 1), **kw)
+    runs = {k: json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+            for k, v in runs.items()}
+    for key in ("pixel", "segmentation", "segmentation_vs_target", "features"):
+        assert json.dumps(runs["plain"][key], sort_keys=True) == json.dumps(runs["ome"][key], sort_keys=True), key
+    # the FSC resolution is in um: 1 um voxels scale it by 1/0.29 (up to the float binning of the shells);
+    # the watershed's sizes in um change the objects
+    res = runs["ome"]["pixel"]["m"]["fsc_res_um"]
+    assert runs["plain_1um"]["pixel"]["m"]["fsc_res_um"] == pytest.approx(res / 0.29, rel=0.01)
+    assert runs["plain_1um"]["segmentation"] != runs["ome"]["segmentation"]
+
+
+def test_voxel_sizes_from_imagej_and_ome_files_and_bad_options(tmp_path):
+    from common.evaluation import EvaluationInputError, voxel_sizes
+
+    data, rows = _tiny_dataset(tmp_path)
+    (tmp_path / "p").mkdir()
+    for r in rows:
+        stem = r["path_signal"].replace(".ome.tif", "")
+        os.link(data / r["path_target"], tmp_path / "p" / f"{stem}_pred.ome.tif")
+    _plain_copy(tmp_path, data, rows, tmp_path / "p", tmp_path / "ij", imagej=True)
+    ij_target = str(tmp_path / "ij" / rows[0]["path_target"].replace(".ome.tif", ".tif"))
+    ome_target = str(data / rows[0]["path_target"])
+    got = voxel_sizes([ij_target, ome_target])
+    assert got[ij_target] == pytest.approx((0.29, 0.29, 0.29), rel=1e-4) and got[ome_target] == pytest.approx((0.29,) * 3)
+    assert voxel_sizes([ome_target], (1, 0.5, 0.5)) == {ome_target: (1.0, 0.5, 0.5)}  # the option wins
+    for bad in [(1, 2), (0, 1, 1), ("a", 1, 1), (float("nan"), 1, 1)]:
+        with pytest.raises(EvaluationInputError, match="three positive numbers"):
+            voxel_sizes([ome_target], bad)
+    # the command line: a malformed --voxel_size and an unknown option are named before any work
+    for args, needle in [(["--voxel_size", "0.29,0.29"], "--voxel_size"),
+                         (["--voxel_sise", "0.29,0.29,0.29"], "unknown option '--voxel_sise'")]:
+        p = _evaluate_cli("--manifest", data / "test.csv", "--predictions", f"m={tmp_path / 'p'}", "--out_dir",
+                          tmp_path / "r", *args, cwd=tmp_path)
+        assert p.returncode == 1 and needle in _last_line(p) and _last_line(p).startswith("evaluate: error:"), p.stderr
+        assert not (tmp_path / "r").exists()
