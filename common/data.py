@@ -89,7 +89,7 @@ def validate_records(records: Sequence[dict], image_keys: Sequence[str] = ("imag
     channels = dict(channels or {})
     problems = []
     for rec in records:
-        where = f"{rec.get('_manifest', 'datalist')} line {rec.get('_line', '?')}"
+        where = f"{rec['_manifest']} line {rec.get('_line', '?')}" if "_manifest" in rec else "input"
         shapes = {}
         for k in image_keys:
             if k not in rec:
@@ -113,7 +113,7 @@ def validate_records(records: Sequence[dict], image_keys: Sequence[str] = ("imag
             problems.append(f"{where}: shape mismatch between {desc}")
     if problems:
         n = len(problems)
-        raise ManifestError(f"{n} problem(s) found before training:\n  " + "\n  ".join(problems))
+        raise ManifestError(f"{n} problem(s) found before any work:\n  " + "\n  ".join(problems))
 
 
 def load_manifest(csv_path: str | os.PathLike, keys: Mapping[str, str] | None = None,

@@ -160,7 +160,7 @@ def load_fucci_manifest(csv_path: str | os.PathLike, input_channels: Sequence[in
         elif lab.max() > 0 and not (lab == NUCLEUS).any():
             problems.append(f"{where}: {rec['label']}: label has no nucleus voxel (class {NUCLEUS})")
     if problems:
-        raise ManifestError(f"{len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
+        raise ManifestError(f"{len(problems)} problem(s) found before any work:\n  " + "\n  ".join(problems))
     return records
 
 

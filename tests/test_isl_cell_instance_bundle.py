@@ -176,7 +176,7 @@ def test_bad_inputs_are_named_before_training(data, tmp_path):
         return "\n".join(chain)
 
     msg = error_building_trainer(ov)
-    assert "ManifestError" in msg and "2 problem(s) found before training" in msg
+    assert "ManifestError" in msg and "2 problem(s) found before any work" in msg
     assert "line 2" in msg and "nope.ome.tif: file not found" in msg
     assert "line 3" in msg and "two_planes.ome.tif: 2 channel(s), expected 1" in msg
     # an intensity image given as the label (the membrane instead of the cells)

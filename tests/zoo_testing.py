@@ -55,6 +55,16 @@ def run_bundle(bundle: str, configs, overrides: dict, cmd=("run",), torchrun: in
     return p
 
 
+def run_bundle_inprocess(bundle: str, configs, overrides: dict):
+    """Run a bundle config with MONAI's bundle runner in this process (no interpreter start-up: for the
+    many short runs of the bad-input catalogue). Exceptions propagate as they would reach the CLI."""
+    from monai.bundle import run
+
+    root = os.path.join(BUNDLES, bundle)
+    cfg = [os.path.join(root, "configs", c) for c in ([configs] if isinstance(configs, str) else configs)]
+    run(config_file=cfg if len(cfg) > 1 else cfg[0], bundle_root=root, **overrides)
+
+
 def split_manifest(manifest: str, parts: dict) -> dict:
     """Write ``<name>.csv`` beside ``manifest`` holding consecutive rows: ``parts = {name: n_rows}``."""
     from common.data import split_manifest as split
