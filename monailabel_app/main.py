@@ -116,7 +116,8 @@ class LabelFreeZooApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         conf = conf or {}
         self.allow_remote = as_bool(conf.get("allow_remote", "false"), "allow_remote")
-        host, port = server_host(sys.argv)
+        main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        host, port = server_host(sys.argv, getattr(main_spec, "name", "") or "")
         check_bind(host, self.allow_remote, port, studies)  # before anything is loaded or bound
         self.infer_concurrency = max(1, int(conf.get("infer_concurrency", 1)))
         self.extensions = conf.get("extensions", ",".join(DATASTORE_EXTENSIONS)).split(",")

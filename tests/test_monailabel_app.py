@@ -188,14 +188,20 @@ def server_env() -> dict:
     return e
 
 
-def launch_server(base, studies, conf, host="127.0.0.1", port=None, log_name="server.log"):
-    """Start `monailabel start_server` (python -m monailabel.main) on a copy of the app in ``base/app``, serving
-    ``studies`` with the ``--conf`` pairs ``conf``; returns ``(process, url, log path)`` at once."""
+def app_copy(base):
+    """``base/app``: a copy of the app (MONAI Label writes its logs and models folders into the app folder)."""
     app = base / "app"
     if not app.exists():
         app.mkdir()
         shutil.copy(os.path.join(APP, "main.py"), app / "main.py")
         shutil.copytree(os.path.join(APP, "lib"), app / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    return app
+
+
+def launch_server(base, studies, conf, host="127.0.0.1", port=None, log_name="server.log"):
+    """Start `monailabel start_server` (python -m monailabel.main) on a copy of the app in ``base/app``, serving
+    ``studies`` with the ``--conf`` pairs ``conf``; returns ``(process, url, log path)`` at once."""
+    app = app_copy(base)
     port = port or free_port()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
            "--host", host, "--port", str(port)]

@@ -27,7 +27,7 @@ from distribution_testing import (
     unusable_reason,
     wait_for_http,
 )
-from test_monailabel_app import APP, _multipart, _request, launch_server
+from test_monailabel_app import APP, _multipart, _request, app_copy, launch_server, server_env
 
 sys.path.insert(0, APP)
 from lib import safety  # noqa: E402
@@ -338,6 +338,8 @@ def test_bind_address_rule_pure():
     assert safety.server_host(["main.py", "start_server", "--app", "a"]) == ("0.0.0.0", 8000)
     assert safety.server_host(["m", "start_server", "-i", "127.0.0.1", "-p", "9"]) == ("127.0.0.1", 9)
     assert safety.server_host(["m", "-m", "train"]) == (None, None)
+    assert safety.server_host(["/usr/bin/uvicorn", "monailabel.app:app"]) == ("127.0.0.1", 8000)
+    assert safety.server_host(["x", "monailabel.app:app", "--host", "0.0.0.0"], "uvicorn.__main__")[0] == "0.0.0.0"
     assert safety.is_loopback("127.0.0.1") and safety.is_loopback("::1") and safety.is_loopback("localhost")
     assert not safety.is_loopback("0.0.0.0") and not safety.is_loopback("") and not safety.is_loopback("192.168.1.5")
     for bad in ("..", "../x", "a/b", "a\\b", "/abs", "a..b", ".hidden", "x.", "a%2Fb", "", "a" * 201):
@@ -367,6 +369,53 @@ def test_server_refuses_a_network_address_without_the_opt_in(tmp_path):
     try:
         wait_for_http(f"{url}/info/", proc, timeout=180, log_path=str(log))
         assert "NO authentication" in open(log).read()
+    finally:
+        stop_process_tree(proc)
+
+
+def _non_loopback_ipv4():
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))  # no packet is sent: this only picks the outgoing interface
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if safety.is_loopback(ip) else ip
+
+
+def test_clients_from_the_network_are_refused_when_the_bind_rule_is_bypassed(tmp_path):
+    """A server started from Python (uvicorn.run: the bind rule cannot see the address) on a network address:
+    the app still answers clients other than this machine with 403."""
+    from distribution_testing import free_port
+
+    ip = _non_loopback_ipv4()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    studies, zoo = tmp_path / "studies", tmp_path / "zoo"
+    studies.mkdir()
+    zoo.mkdir()
+    app = app_copy(tmp_path)
+    port = free_port()
+    e = server_env()
+    e.update({"MONAI_LABEL_APP_DIR": str(app), "MONAI_LABEL_STUDIES": str(studies),
+              "MONAI_LABEL_APP_CONF": json.dumps({"zoo_dir": str(zoo), "models": "none"}),
+              "NO_PROXY": f"127.0.0.1,localhost,{ip}", "no_proxy": f"127.0.0.1,localhost,{ip}"})
+    log = tmp_path / "uvicorn.log"
+    proc = subprocess.Popen([sys.executable, "-c", f"import uvicorn; uvicorn.run('monailabel.app:app', host='{ip}', "
+                             f"port={port})"], cwd=str(tmp_path), env=e, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline, status, body = time.time() + 180, None, b""
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                status, _, body = _request("GET", f"http://{ip}:{port}/info/", timeout=10)
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert status == 403, (status, body, open(log).read()[-3000:])
+        assert "serves this machine only" in json.loads(body)["detail"]
     finally:
         stop_process_tree(proc)
 

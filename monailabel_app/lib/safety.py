@@ -140,7 +140,10 @@ class SafeLocalDatastore(LocalDatastore):
         kept = {}
         for k, v in files.items():
             full = os.path.join(path, v)
-            if inside(self._root, full):
+            if not _name_ok(self._to_id(v)[0], ID_RE):
+                self._warn_once(full, f"datastore: ignoring {full}: its name is not a valid image id ({ID_RULE}); "
+                                      "rename it")
+            elif inside(self._root, full):
                 kept[k] = v
             else:
                 self._warn_once(full, f"datastore: ignoring {full}: it leads outside the studies folder "
@@ -273,19 +276,23 @@ class SafeLocalDatastore(LocalDatastore):
 
 
 # ---------------------------------------------------------------------------------------- bind address
-def server_host(argv: list[str]) -> tuple[str | None, int | None]:
-    """``(host, port)`` that ``monailabel start_server`` was told to bind (its defaults ``0.0.0.0`` and 8000 when
-    ``--host`` / ``--port`` are not given), or ``(None, None)`` when this process is not such a server (e.g. a
-    training job)."""
-    if "start_server" not in argv:
-        return None, None
+def server_host(argv: list[str], main_module: str = "") -> tuple[str | None, int | None]:
+    """``(host, port)`` this process was told to bind: by ``monailabel start_server`` (defaults ``0.0.0.0`` and
+    8000) or by the ``uvicorn`` command (defaults ``127.0.0.1`` and 8000); ``(None, None)`` when it is neither
+    (e.g. a training job, or a server started from Python: then only the per-request client check applies)."""
     import argparse
 
+    if "start_server" in argv:
+        args, defaults = argv[argv.index("start_server") + 1:], ("0.0.0.0", 8000)
+    elif main_module.split(".")[0] == "uvicorn" or (argv and os.path.basename(argv[0]) == "uvicorn"):
+        args, defaults = argv[1:], ("127.0.0.1", 8000)
+    else:
+        return None, None
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("-i", "--host", default="0.0.0.0")
-    p.add_argument("-p", "--port", default=8000, type=int)
-    args, _ = p.parse_known_args(argv[argv.index("start_server") + 1:])
-    return args.host, args.port
+    p.add_argument("-i", "--host", default=defaults[0])
+    p.add_argument("-p", "--port", default=defaults[1], type=int)
+    parsed, _ = p.parse_known_args(args)
+    return parsed.host, parsed.port
 
 
 def is_loopback(host: str | None) -> bool:
