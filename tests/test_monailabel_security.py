@@ -284,11 +284,16 @@ def test_inference_on_an_image_the_model_cannot_take(srv, tmp_path):
     status, _, resp = _request("POST", f"{url}/infer/fnet_baseline?image={CELL}&output=image", b"")
     detail = json.loads(resp)["detail"]
     assert status == 422 and "2 dimensions" in detail and "expects a 3D image" in detail, detail
-    # not an image at all (uploaded)
+    # not an image at all (uploaded); the upload's temporary copy is gone afterwards
+    import glob
+    import tempfile
+
+    uploads = set(glob.glob(os.path.join(tempfile.gettempdir(), "zoo-upload-*")))
     body, headers = _multipart("file", "notes.ome.tif", b"plain text\n")
     status, _, resp = _request("POST", f"{url}/infer/isl_cell_instance?output=image", body, headers)
     detail = json.loads(resp)["detail"]
     assert status == 422 and "unreadable" in detail and "expects a 2D image" in detail, detail
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zoo-upload-*"))) <= uploads
     # refused before the network runs: MONAI Label loads a model's network when its inferer first runs, and
     # neither of these models was ever loaded
     with open(srv["log"]) as f:

@@ -233,21 +233,19 @@ def zoo_api(zoo) -> FastAPI:
                 session = zoo.sessions().get_session(session_id) if zoo.sessions() else None
                 if not session:
                     raise RequestRejected(404, f"session {session_id!r} not found")
-                request["image"] = zoo.trust_input(session.image)
+                request["image"] = zoo.trust_input(session.image)  # the server's own copy; stays trusted
             elif image:
                 request["image"] = image  # checked against the datastore by the app's infer()
             else:
                 raise RequestRejected(400, "no input: give image=<datastore id> or upload a file (file=@image.ome.tif)")
             async with infer_slots():
                 result = await run_in_threadpool(zoo.infer, request)
-        finally:
+        finally:  # the input is not needed once the result is written
             if folder:
                 zoo.untrust_input(request.get("image"))
-                background_tasks.add_task(shutil.rmtree, folder, True)
-            elif session_id and request.get("image"):
-                zoo.untrust_input(request["image"])
+                shutil.rmtree(folder, ignore_errors=True)
         if result is None:
-            raise RequestRejected(500, "inference returned no result")
+            raise RuntimeError("inference returned no result")
         return send_response(zoo.datastore(), result, output, background_tasks)
 
     @api.put(prefix + "/datastore/")
