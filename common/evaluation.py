@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from common.errors import ZooError
 from common.metrics import (
     DEFAULT_IOU_THRESHOLDS,
     DegenerateInputError,
@@ -84,7 +85,7 @@ DEFAULT_WATERSHED_GRID = {"sigma": (1.0, 2.0), "min_distance_um": (1.5, 2.0)}
 #: Levels of the threshold sweep, as fractions of the target range above its minimum.
 DEFAULT_SWEEP_LEVELS = (0.0, 0.1, 0.2, 0.3)
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(ZooError):
     """An input of the evaluation is unusable (e.g. a file without a voxel size); the message names the
     file(s), the problem and what to do."""
 

@@ -47,6 +47,8 @@ from monai.utils import MetricReduction
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components as _graph_components
 
+from common.errors import ZooError
+
 __all__ = [
     "DegenerateInputError",
     "pearson_r",
@@ -75,7 +77,7 @@ __all__ = [
 DEFAULT_IOU_THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
 
-class DegenerateInputError(ValueError):
+class DegenerateInputError(ZooError):
     """A metric is undefined on this input (constant image, empty mask, image smaller than the
     metric's window); the message says which input, what is wrong and what to do."""
 

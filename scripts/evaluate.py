@@ -26,9 +26,7 @@ and no report folder is left behind.
 
 from __future__ import annotations
 
-import inspect
 import os
-import re
 import sys
 
 import fire
@@ -106,41 +104,17 @@ def main(manifest: str, predictions, out_dir: str = "report", train_manifest: st
     return os.path.join(out_dir, "report.md")
 
 
-def _is_flag(tok: str) -> bool:
-    return tok.startswith("-") and len(tok) > 1 and not re.match(r"^-\.?\d", tok)
-
-
-def check_args(fn, argv) -> None:
-    """Refuse options ``fn`` does not take, before anything runs (fire would run the whole evaluation
-    first and only then complain about an argument it could not use)."""
-    names = set(inspect.signature(fn).parameters)
-    for tok in argv:
-        if tok == "--":
-            break
-        if tok in ("-h", "--help") or not _is_flag(tok):
-            continue
-        key = tok.lstrip("-").split("=", 1)[0].replace("-", "_")
-        if not tok.startswith("--") and len(key) == 1 and sum(n[0] == key for n in names) == 1:
-            continue  # fire's short form, e.g. -m for --manifest
-        if key not in names and not (key.startswith("no") and key[2:] in names):
-            raise CliError(f"unknown option {tok.split('=', 1)[0]!r}; options: "
-                           + " ".join(f"--{n}" for n in sorted(names)))
-
-
 def cli(argv=None) -> None:
-    """Run :func:`main` from the command line; a named error ends as one ``evaluate: error:`` line, exit 1."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        check_args(main, argv)  # before the heavy imports: a typo is answered at once
-    except CliError as e:
-        sys.exit(f"evaluate: error: {e}")
+    """Run :func:`main` from the command line: an unknown flag exits with 2 before any work
+    (:func:`common.cli.strict_fire`); a named error ends as one ``evaluate: error:`` line, exit 1."""
+    from common.cli import strict_fire
     from common.data import ManifestError
     from common.evaluation import EvaluationInputError
     from common.io import ImageReadError
     from common.metrics import DegenerateInputError
 
     try:
-        fire.Fire(main, command=argv)
+        strict_fire(main, argv, name="evaluate.py")
     except (CliError, ManifestError, ImageReadError, EvaluationInputError, DegenerateInputError,
             FileNotFoundError) as e:
         sys.exit(f"evaluate: error: {e}")

@@ -483,14 +483,19 @@ def check_args(fn, argv, what: str) -> None:
 
 
 def main(argv=None):
-    """Command line: ``zoo.py list ...`` / ``zoo.py download ...``; errors end as one ``zoo: error:`` line, exit 1."""
+    """Command line: ``zoo.py list ...`` / ``zoo.py download ...``; errors end as one ``zoo: error:`` line, exit
+    code 1 (2 for an unknown command or option, found before anything runs)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+    try:  # a usage error exits with 2 (as argparse and common.cli.strict_fire), before anything runs
         if argv and not argv[0].startswith("-"):
             if argv[0] not in ("list", "download"):
                 raise ZooError(f"unknown command {argv[0]!r}; use `zoo.py list --index ...` or "
                                "`zoo.py download NAME --index ...`")
             check_args(getattr(Cli, argv[0]), argv[1:], f"zoo.py {argv[0]}")
+    except ZooError as e:
+        print(f"zoo: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
         fire.Fire(Cli, command=argv)
     except ZooError as e:
         sys.exit(f"zoo: error: {e}")

@@ -74,8 +74,8 @@ def _set_sizes(raw: bytes, arcname: str, size: int) -> bytes:
     raise AssertionError(f"{arcname} not in the zip")
 
 
-def _refused(p, target, *needles):
-    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+def _refused(p, target, *needles, rc=1):
+    assert p.returncode == rc, (p.returncode, p.stdout, p.stderr)
     last = _last_line(p)
     assert last.startswith("zoo: error: "), last
     for n in needles:
@@ -163,7 +163,8 @@ def test_largest_real_bundle_fits_the_default_limits(tmp_path):
     weights = np.random.default_rng(0).normal(0, 0.05, (89 << 20) // 4).astype(np.float32)
     (bundles / "fnet_baseline" / "models" / "model.pt").write_bytes(weights.tobytes())
     p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "package_bundles.py"), "--out_dir",
-                        str(tmp_path / "dist"), "--bundles_dir", str(bundles), "--bundles", "fnet_baseline"],
+                        str(tmp_path / "dist"), "--bundles_dir", str(bundles), "--bundles", "fnet_baseline",
+                        "--record_run"],
                        capture_output=True, text=True, env=env(), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     (zip_path,) = (tmp_path / "dist").glob("*.zip")
@@ -199,12 +200,12 @@ def test_bad_versions_are_refused(version, shown, tmp_path):
 def test_unknown_option_and_command_are_refused_before_any_download(tmp_path):
     index = _publish(tmp_path / "dist", "ok", [("ok/configs/metadata.json", META)])
     p = _zoo("download", "ok", "--index", index, "--bundle_dir", tmp_path / "out", "--overwrit")
-    _refused(p, tmp_path / "out", "unknown option '--overwrit'", "--overwrite")
+    _refused(p, tmp_path / "out", "unknown option '--overwrit'", "--overwrite", rc=2)
     p = _zoo("download", "ok", "--index", index, "--bundle_dir", tmp_path / "out", "--version", "1.0.0", "a", "b",
              "c", "d")
-    _refused(p, tmp_path / "out", "positional arguments")
+    _refused(p, tmp_path / "out", "positional arguments", rc=2)
     p = _zoo("downlaod", "ok", "--index", index)
-    assert p.returncode == 1 and "unknown command 'downlaod'" in _last_line(p)
+    assert p.returncode == 2 and "unknown command 'downlaod'" in _last_line(p)
     # fire's short flags still work
     p = _zoo("download", "ok", "--index", index, "-b", tmp_path / "out")
     assert p.returncode == 0, p.stderr
