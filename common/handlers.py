@@ -13,7 +13,7 @@ from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from common.errors import CheckpointMismatchError
-from common.outputs import atomic_write
+from common.outputs import atomic_write, remove_stale_temp
 
 __all__ = ["checkpoints_newest_first", "latest_checkpoint", "latest_loadable_checkpoint", "Resumable",
            "AtomicDiskSaver", "AtomicCheckpointSaver", "CheckpointMismatchError", "state_dict_mismatch",
@@ -100,6 +100,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def __init__(self, save_dir: str, save_dict: dict, settings: dict | None = None, **kwargs):
         super().__init__(save_dir, save_dict, **kwargs)
+        remove_stale_temp(save_dir)  # what a killed save left behind
         nets = [v for v in save_dict.values() if isinstance(v, torch.nn.Module)]
         on_saved = None
         if len(nets) == 1:
