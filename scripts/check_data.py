@@ -58,7 +58,8 @@ def _parser(root: str, config: str, overrides: dict):
     files = list(dict.fromkeys(files))
     for f in files:
         if not os.path.isfile(f):
-            avail = sorted(n[:-5] for n in os.listdir(os.path.join(root, "configs")) if n.endswith(".json"))
+            avail = sorted(n[:-5] for n in os.listdir(os.path.join(root, "configs"))
+                           if n.endswith(".json") and n != "metadata.json")
             raise CheckDataError(f"--config {config!r}: {f} not found; this bundle has {', '.join(avail)}")
     parser = ConfigParser()
     parser.read_config(files if len(files) > 1 else files[0])
