@@ -11,7 +11,9 @@ For every bundle (a folder of ``bundles/`` with ``configs/metadata.json``) it wr
     <name>/configs/   metadata.json, inference.json, train.json, ... (as in the repository)
     <name>/docs/      README.md and figures
     <name>/LICENSE
-    <name>/models/    model.pt (plain state_dict) and model.ts (TorchScript), when present
+    <name>/models/    model.pt (plain state_dict), model.json (its record: the network it was trained as)
+                      and model.ts (TorchScript), when present
+    <name>/large_files.yml   weight files fetched by URL (model zoo rule: files over 25 MB), when present
     <name>/scripts/   bundle-local code, when the bundle has some
     <name>/common/    the zoo's shared package, vendored so the bundle runs without this repository
 
@@ -34,6 +36,14 @@ refused unless ``--allow_no_weights`` is given; its metadata then says ``"weight
 
     python scripts/package_bundles.py --out_dir dist --allow_no_weights       # configs and code only
     python scripts/package_bundles.py --out_dir dist --bundles fnet_baseline --record_run   # your own run
+
+Weights the MONAI model-zoo way: weight files up to 25 MB live in the bundle's ``models/`` (in git, beside
+their records ``models/<stem>.json``, the trained network's configuration); larger files are listed in the
+bundle's ``large_files.yml`` (``large_files: [{path, url, hash_val, hash_type}]``) and fetched with
+``python -m monai.bundle download_large_files --bundle_path <bundle>``. Packaging refuses a weight file over
+25 MB that is not listed, an entry without ``path``/``url``/``hash_val``/``hash_type``, a path outside the
+bundle, an unknown hash type, and a listed file whose local copy has another hash; ``large_files.yml``
+travels in the zip, and so do the listed files that are present (fetch them first).
 
 Versions must be semantic versions (``MAJOR.MINOR.PATCH``) with an entry in the metadata's ``changelog``;
 every problem of every bundle is reported before anything is written. Zips are reproducible: the same
@@ -68,6 +78,11 @@ REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "docs/READM
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", "runs", "eval", "data", ".pytest_cache"}
 SKIP_CONFIGS = {"monailabel_train.json"}
 WEIGHT_SUFFIXES = (".pt", ".ts")
+LARGE_FILES = "large_files.yml"
+#: the MONAI model zoo's limit for files kept in git; larger ones go to large_files.yml
+MAX_GIT_BYTES = 25 * 1024 * 1024
+#: what monai.apps.utils.check_hash accepts
+HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # earliest date a zip can hold: reproducible archives
 
 
@@ -183,6 +198,90 @@ def check_weights(root: str, allow_no_weights: bool = False, record_run: bool = 
     return status, problems
 
 
+def hash_file(path: str, hash_type: str = "sha256") -> str:
+    """Hex digest of ``path`` with ``hash_type`` (one of :data:`HASH_TYPES`)."""
+    h = hashlib.new(hash_type)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_large_files(root: str) -> tuple[list[dict], list[str]]:
+    """The entries of ``<root>/large_files.yml`` (``[]`` when there is none) and the problems found in them."""
+    name = os.path.basename(os.path.normpath(root))
+    path = os.path.join(root, LARGE_FILES)
+    if not os.path.isfile(path):
+        return [], []
+    import yaml
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        return [], [f"{path}: not valid YAML ({e})"]
+    entries = (doc or {}).get("large_files") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        return [], [f"{path}: needs a 'large_files' list of {{path, url, hash_val, hash_type}} entries"]
+    problems, good = [], []
+    for i, e in enumerate(entries):
+        where = f"{name}/{LARGE_FILES} entry {i}"
+        if not isinstance(e, dict):
+            problems.append(f"{where}: not a mapping")
+            continue
+        missing = [k for k in ("path", "url", "hash_val", "hash_type") if not e.get(k)]
+        if missing:
+            problems.append(f"{where}: {', '.join(missing)} missing (the model zoo requires path, url, hash_val, hash_type)")
+            continue
+        rel = str(e["path"])
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm.startswith(".."):
+            problems.append(f"{where}: path {rel!r} is outside the bundle folder")
+            continue
+        if str(e["hash_type"]).lower() not in HASH_TYPES:
+            problems.append(f"{where}: hash_type {e['hash_type']!r} is not one of {', '.join(HASH_TYPES)}")
+            continue
+        if not str(e["url"]).startswith(("http://", "https://")):
+            problems.append(f"{where}: url {e['url']!r} is not an http(s) URL")
+            continue
+        good.append(dict(e, path=norm.replace(os.sep, "/"), hash_type=str(e["hash_type"]).lower()))
+    return good, problems
+
+
+def check_large_files(root: str, require_records: bool = False) -> list[str]:
+    """Problems with the bundle's weights and ``large_files.yml`` under the model zoo's 25 MB rule.
+
+    A listed file present in the bundle must have the listed hash (the hash of the local file is
+    computed); a weight file over 25 MB must be listed; with ``require_records`` (a recorded release) a
+    ``.pt`` file needs its record (``<stem>.json``, the network it was trained as) when the bundle's
+    inference builds its network from records.
+    """
+    name = os.path.basename(os.path.normpath(root))
+    entries, problems = read_large_files(root)
+    listed = {e["path"] for e in entries}
+    for e in entries:
+        local = os.path.join(root, e["path"])
+        if os.path.isfile(local):
+            got = hash_file(local, e["hash_type"])
+            if got != str(e["hash_val"]).lower():
+                problems.append(f"{name}: {e['path']} has {e['hash_type']} {got[:16]}... but {LARGE_FILES} lists "
+                                f"{str(e['hash_val'])[:16]}...: fix the entry (hash of the released file) or fetch the "
+                                f"released file with `python -m monai.bundle download_large_files --bundle_path {root}`")
+    for fn, path in weight_files(root).items():
+        rel = f"models/{fn}"
+        if os.path.getsize(path) > MAX_GIT_BYTES and rel not in listed:
+            problems.append(f"{name}: {rel} is {os.path.getsize(path) / 2**20:.1f} MiB, over the model zoo's 25 MB "
+                            f"for files in git: list it in {LARGE_FILES} (path, url, hash_val, hash_type) and publish it "
+                            "at that URL")
+    inference = os.path.join(root, "configs", "inference.json")
+    uses_records = require_records and os.path.isfile(inference) and "common.networks.record" in open(inference).read()
+    for fn in weight_files(root):
+        if uses_records and fn.endswith(".pt") and not os.path.isfile(os.path.join(root, "models", fn[:-3] + ".json")):
+            problems.append(f"{name}: models/{fn} has no record models/{fn[:-3]}.json (the network it was trained as, "
+                            "written by training): without it inference builds the config's network")
+    return problems
+
+
 def release_notes(root: str, status: dict, staging: str) -> dict:
     """Zip entries that describe what a package really carries: ``{arc path: staged file}``.
 
@@ -251,9 +350,13 @@ def bundle_files(root: str, common_dir: str = COMMON_DIR, extra: dict | None = N
     files.append((f"{name}/LICENSE", os.path.join(root, "LICENSE")))
     models = os.path.join(root, "models")
     if os.path.isdir(models):
-        files += [(f"{name}/models/{fn}", os.path.join(models, fn)) for fn in sorted(os.listdir(models))
-                  if fn.endswith(WEIGHT_SUFFIXES) and not fn.startswith(("checkpoint", "."))
-                  and os.path.isfile(os.path.join(models, fn))]
+        weights = [fn for fn in sorted(os.listdir(models)) if fn.endswith(WEIGHT_SUFFIXES)
+                   and not fn.startswith(("checkpoint", ".")) and os.path.isfile(os.path.join(models, fn))]
+        records = [os.path.splitext(fn)[0] + ".json" for fn in weights if fn.endswith(".pt")]
+        files += [(f"{name}/models/{fn}", os.path.join(models, fn)) for fn in weights + records
+                  if os.path.isfile(os.path.join(models, fn))]
+    if os.path.isfile(os.path.join(root, LARGE_FILES)):
+        files.append((f"{name}/{LARGE_FILES}", os.path.join(root, LARGE_FILES)))
     if os.path.isdir(os.path.join(root, "scripts")):
         files += _walk(os.path.join(root, "scripts"), f"{name}/scripts")
     if not os.path.isfile(os.path.join(common_dir, "__init__.py")):
@@ -370,6 +473,7 @@ def package(out_dir: str = "dist", bundles="all", bundles_dir: str = BUNDLES_DIR
         problems += p
         weights[n], p = check_weights(os.path.join(bundles_dir, n), allow_no_weights, record_run)
         problems += p
+        problems += check_large_files(os.path.join(bundles_dir, n), require_records=weights[n]["state"] == "recorded")
     if problems:
         raise PackagingError(f"{len(problems)} problem(s), nothing written:\n  " + "\n  ".join(problems))
 
