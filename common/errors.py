@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["ZooError", "OutputDirError", "CheckpointMismatchError", "named_error", "install_excepthook"]
+__all__ = ["ZooError", "OutputDirError", "CheckpointMismatchError", "CheckpointNotFoundError", "named_error", "install_excepthook"]
 
 
 class ZooError(ValueError):
@@ -29,6 +29,10 @@ class OutputDirError(ZooError):
 
 class CheckpointMismatchError(ZooError):
     """A checkpoint does not fit the configured network (other width, depth or channels)."""
+
+
+class CheckpointNotFoundError(ZooError, FileNotFoundError):
+    """A checkpoint the configuration needs (e.g. the stage-0 model for ISL transfer) is missing."""
 
 
 def _is_named(exc: BaseException) -> bool:

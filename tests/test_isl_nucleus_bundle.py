@@ -210,9 +210,8 @@ def test_bad_input_named_before_training(data, tmp_path):
                      [[str(tmp_path / "two_channels.ome.tif"), tgt, lab],
                       [sig, tgt, str(tmp_path / "small_mask.ome.tif")],
                       [sig, tgt, str(tmp_path / "empty_mask.ome.tif")]])
-    wf = _workflow(_overrides(data, tmp_path, stage=1, init="scratch", train_manifest=bad))
-    with pytest.raises(Exception) as e:
-        wf.run()
+    with pytest.raises(Exception) as e:  # the preflight, in initialize, before any work
+        _workflow(_overrides(data, tmp_path, stage=1, init="scratch", train_manifest=bad)).run()
     err = _cause(e.value, ManifestError)  # MONAI's config resolver wraps it in a RuntimeError
     assert err is not None, repr(e.value)
     msg = str(err)
@@ -221,12 +220,12 @@ def test_bad_input_named_before_training(data, tmp_path):
     assert "empty_mask.ome.tif: mask is empty" in msg and "line 4" in msg
     assert not os.path.exists(tmp_path / "models" / "model.pt")
     # stage 1 from ISL without a stage-0 model: named before training
-    wf = _workflow(_overrides(data, tmp_path, stage=1, stage0_ckpt=str(tmp_path / "none.pt")))
     with pytest.raises(Exception) as e:
-        wf.run()
+        _workflow(_overrides(data, tmp_path, stage=1, stage0_ckpt=str(tmp_path / "none.pt"))).run()
     err = _cause(e.value, FileNotFoundError)
     assert err is not None and "train stage 0 first" in str(err) and "none.pt" in str(err)
     assert not os.path.exists(tmp_path / "runs" / "checkpoints_stage1")
+    assert not os.path.exists(tmp_path / "models")  # found before any output folder was made
 
 
 def test_fewshot_script_equal_budget_and_subsets(data, tmp_path):

@@ -39,6 +39,7 @@ from monai.networks.nets.densenet import _DenseBlock, _Transition
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE, SegmentationHead, UNetDecoder
 from torch import nn
 
+from common.errors import CheckpointNotFoundError
 from common.networks.record import recordable
 
 __all__ = [
@@ -324,7 +325,7 @@ def _state_dict_of(checkpoint) -> dict:
     if isinstance(checkpoint, (str, os.PathLike)):
         path = os.fspath(checkpoint)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"stage-0 checkpoint not found: {path!r}; train stage 0 first "
+            raise CheckpointNotFoundError(f"stage-0 checkpoint not found: {path!r}; train stage 0 first "
                                     "(--stage 0) or point stage0_ckpt at its model file")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, Mapping):
