@@ -20,7 +20,7 @@ from common.io import ImageReadError, read_image
 __all__ = ["ManifestError", "read_manifest", "validate_records", "load_manifest", "list_images", "RandomPatchDataset",
            "write_manifest", "split_rows", "split_manifest"]
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr")
 
 DEFAULT_KEYS = {"path_signal": "image", "path_target": "label"}
 
@@ -134,18 +134,35 @@ def list_images(source: str | os.PathLike, key: str = "image", column: str = "pa
     """Inputs for inference: ``[{key: path}, ...]`` from a folder of images, a CSV manifest
     (its ``column``) or a single image file. Every file is opened and checked first.
 
+    OME-Zarr: an ``image.zarr`` is one image; an HCS ``plate.zarr`` (given itself or found in the
+    folder) gives one record per field (``plate.zarr/B/3/0``) with ``row``, ``column``, ``field``.
+
     Args:
-        source: folder, ``.csv`` manifest or image file.
+        source: folder, ``.csv`` manifest, image file, OME-Zarr image or plate.
         pattern: substring a file name in a folder must contain (e.g. ``"signal"``), optional.
         channels: the number of channels every image must have (the network's input), optional.
     """
+    from common import omezarr
+
     source = str(source)
     if source.lower().endswith(".csv"):
         records = [{key: r[key]} for r in read_manifest(source, keys={column: key})]
+    elif omezarr.is_omezarr(source) and omezarr.is_plate(source):
+        records = [{key: f["path"], "row": f["row"], "column": f["column"], "field": f["field"]}
+                   for f in omezarr.plate_fields(source)]
+    elif omezarr.is_omezarr(source) and os.path.isdir(omezarr.split_channel(source)[0]):
+        records = [{key: source}]
     elif os.path.isdir(source):
         names = sorted(n for n in os.listdir(source)
                        if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".") and (pattern is None or pattern in n))
-        records = [{key: os.path.join(source, n)} for n in names]
+        records = []
+        for n in names:
+            p = os.path.join(source, n)
+            if omezarr.is_plate(p):
+                records += [{key: f["path"], "row": f["row"], "column": f["column"], "field": f["field"]}
+                            for f in omezarr.plate_fields(p)]
+            else:
+                records.append({key: p})
         if not records:
             raise ManifestError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}) found"
                                 + (f" with '{pattern}' in the name" if pattern else ""))

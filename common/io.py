@@ -1,6 +1,7 @@
 """Readers and writers for microscopy images, as MONAI transforms.
 
-Formats: TIFF / OME-TIFF (tifffile), PNG (Pillow), NIfTI (nibabel).
+Formats: TIFF / OME-TIFF (tifffile), PNG (Pillow), NIfTI (nibabel), OME-Zarr images and HCS plate
+fields (ome-zarr, see :mod:`common.omezarr`; ``image.zarr``, ``plate.zarr/B/3/0``, ``...#<channel>``).
 
 Conventions
 -----------
@@ -178,11 +179,16 @@ def read_image(path: str | os.PathLike, spatial_dims: int = 3, grayscale: str = 
         voxel size in micrometres in ``ZYX``/``YX`` order (1.0 where the file does not say).
     """
     path = str(path)
-    if not os.path.isfile(path):
+    from common import omezarr
+
+    zarr_input = omezarr.is_omezarr(path)
+    if not zarr_input and not os.path.isfile(path):
         raise ImageReadError(path, "file not found", "check the path; manifest paths are relative to the CSV")
     suffix = _suffix(path)
     try:
-        if suffix in TIFF_SUFFIXES:
+        if zarr_input:
+            data, axes, sizes = omezarr.read_omezarr(path, spatial_dims)
+        elif suffix in TIFF_SUFFIXES:
             data, axes, sizes = _read_tiff(path)
         elif suffix in PNG_SUFFIXES:
             data, axes, sizes = _read_png(path)
@@ -247,6 +253,10 @@ def voxel_count(path: str | os.PathLike) -> int:
     """Number of array elements of an image file, from its header (the pixels are not read)."""
     path = str(path)
     suffix = _suffix(path)
+    from common import omezarr
+
+    if omezarr.is_omezarr(path):
+        return int(np.prod(omezarr.image_shape(omezarr.split_channel(path)[0])))
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
@@ -349,10 +359,16 @@ class SaveOmeTiff(Transform):
 
     The file name is ``<output_dir>/<source stem><output_postfix>.ome.tif``; a single channel is
     written without the ``C`` axis. Returns the image unchanged (and records the path in
-    ``meta["saved_to"]``).
+    ``meta["saved_to"]``). ``output_format="auto"`` writes OME-Zarr (chunked, with a pyramid) when
+    the source was OME-Zarr (a plate field lands at its row/column/field of one output plate
+    ``<output_dir>/<plate stem><output_postfix>.zarr``); ``"ome-zarr"`` always, ``"ome-tiff"`` never.
     """
 
-    def __init__(self, output_dir: str, output_postfix: str = "_pred", dtype=np.float32, squeeze_channel: bool = True):
+    def __init__(self, output_dir: str, output_postfix: str = "_pred", dtype=np.float32, squeeze_channel: bool = True,
+                 output_format: str = "auto"):
+        if output_format not in ("auto", "ome-tiff", "ome-zarr"):
+            raise ValueError(f"output_format must be 'auto', 'ome-tiff' or 'ome-zarr', not {output_format!r}")
+        self.output_format = output_format
         self.output_dir = str(output_dir)
         self.output_postfix = output_postfix
         self.dtype = dtype
@@ -380,8 +396,14 @@ class SaveOmeTiff(Transform):
         axes = "C" + "ZYX"[-spatial_dims:]
         if self.squeeze_channel and arr.shape[0] == 1:
             arr, axes = arr[0], axes[1:]
-        out = os.path.join(self.output_dir, f"{self.stem(src)}{self.output_postfix}.ome.tif")
-        write_ome_tiff(out, arr, axes=axes, spacing_um=spacing)
+        from common import omezarr
+
+        if self.output_format == "ome-zarr" or (self.output_format == "auto" and omezarr.is_omezarr(src)):
+            out = omezarr.output_path(src, self.output_dir, self.output_postfix)
+            omezarr.write_prediction(out, arr, axes=axes, spacing_um=spacing, source=str(src))
+        else:
+            out = os.path.join(self.output_dir, f"{self.stem(src)}{self.output_postfix}.ome.tif")
+            write_ome_tiff(out, arr, axes=axes, spacing_um=spacing)
         if isinstance(img, MetaTensor):
             img.meta["saved_to"] = out
         return img
@@ -391,9 +413,9 @@ class SaveOmeTiffd(MapTransform):
     """Dictionary version of :class:`SaveOmeTiff`."""
 
     def __init__(self, keys: KeysCollection, output_dir: str, output_postfix: str = "_pred", dtype=np.float32,
-                 squeeze_channel: bool = True, allow_missing_keys: bool = False):
+                 squeeze_channel: bool = True, allow_missing_keys: bool = False, output_format: str = "auto"):
         super().__init__(keys, allow_missing_keys)
-        self.saver = SaveOmeTiff(output_dir, output_postfix, dtype, squeeze_channel)
+        self.saver = SaveOmeTiff(output_dir, output_postfix, dtype, squeeze_channel, output_format)
 
     def __call__(self, data):
         d = dict(data)
