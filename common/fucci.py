@@ -60,6 +60,7 @@ __all__ = [
     "instance_contacts",
     "merge_oversplit",
     "SemanticToInstancesd",
+    "give_back_edges",
     "evaluation_score",
     "segmentation_report",
     "phase_from_reporters",
@@ -571,14 +572,59 @@ def merge_oversplit(instances, image, semantic=None, spacing=(1.0, 1.0, 1.0), to
     return _size_filter(out, 0)
 
 
+def _edge_mask(pred) -> np.ndarray:
+    p = np.asarray(pred)
+    if p.ndim == 4 and p.shape[0] == 1:
+        p = p[0]
+    return (np.argmax(p, 0) == EDGE) if p.ndim == 4 else (p.astype(np.int64) == EDGE)
+
+
+def give_back_edges(labels, pred, spacing=(1.0, 1.0, 1.0), max_um: float | None = None) -> np.ndarray:
+    """Instances grown into the predicted edge class: each edge voxel within ``max_um`` (micrometres,
+    anisotropic ``spacing`` respected) of an instance joins the nearest one.
+
+    Instances are built from the nucleus class alone, but the network's edge class is a ring that
+    straddles the nucleus boundary (the ground truth's ring lies just outside each mask), so the
+    nucleus class alone gives shrunk masks. ``max_um`` limits the growth to the inner part of the
+    ring; ``None`` gives every edge voxel connected to an instance to its nearest instance.
+
+    Args:
+        labels: ``ZYX`` instance labels (from the nucleus class).
+        pred: ``(3, Z, Y, X)`` class probabilities or a ``ZYX`` semantic map (0/1/2).
+
+    Returns:
+        ``ZYX`` int32 labels, the same instances, grown.
+    """
+    from skimage.segmentation import expand_labels
+
+    labels = np.asarray(labels).astype(np.int32)
+    edge = _edge_mask(pred)
+    if not edge.any() or not labels.any():
+        return labels
+    sp = tuple(float(v) for v in (spacing if not np.isscalar(spacing) else [spacing] * 3))
+    if max_um is None:
+        max_um = float(np.sum(np.array(edge.shape) * np.array(sp)))  # the whole ring
+    grown = expand_labels(labels, distance=float(max_um), spacing=sp)
+    take = (labels == 0) & edge & (grown > 0)
+    out = labels.copy()
+    out[take] = grown[take]
+    return out
+
+
 def instances_from_prediction(pred, method: str = "watershed", spacing=(1.0, 1.0, 1.0), h_um: float = 1.0,
-                              min_size: int = 0) -> np.ndarray:
-    """``method="watershed"`` (:func:`instances_watershed`) or ``"connected_components"``."""
+                              min_size: int = 0, edge_um: float | None = 0.0) -> np.ndarray:
+    """``method="watershed"`` (:func:`instances_watershed`) or ``"connected_components"``, then the
+    edge class given back to the instances within ``edge_um`` micrometres (:func:`give_back_edges`;
+    ``0`` keeps the nucleus class alone, ``None`` gives the whole ring)."""
     if method in ("connected_components", "cc"):
-        return instances_connected_components(pred, min_size=min_size)
-    if method == "watershed":
-        return instances_watershed(pred, spacing=spacing, h_um=h_um, min_size=min_size)
-    raise ValueError(f"unknown instance method {method!r}: use 'watershed' or 'connected_components'")
+        labels = instances_connected_components(pred, min_size=min_size)
+    elif method == "watershed":
+        labels = instances_watershed(pred, spacing=spacing, h_um=h_um, min_size=min_size)
+    else:
+        raise ValueError(f"unknown instance method {method!r}: use 'watershed' or 'connected_components'")
+    if edge_um is None or edge_um > 0:
+        labels = give_back_edges(labels, pred, spacing, edge_um)
+    return labels
 
 
 class SemanticToInstancesd(MapTransform):
@@ -591,7 +637,7 @@ class SemanticToInstancesd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, instances_key: str = "instances", method: str = "watershed",
-                 h_um: float = 1.0, min_size: int = 0, argmax: bool = True, spacing=None,
+                 h_um: float = 1.0, min_size: int = 0, argmax: bool = True, spacing=None, edge_um: float | None = 0.0,
                  allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         if method not in ("watershed", "connected_components", "cc"):
@@ -602,6 +648,7 @@ class SemanticToInstancesd(MapTransform):
         self.min_size = min_size
         self.argmax = argmax
         self.spacing = spacing
+        self.edge_um = edge_um
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -611,7 +658,7 @@ class SemanticToInstancesd(MapTransform):
             spacing = self.spacing
             if spacing is None:
                 spacing = tuple(float(v) for v in p.pixdim) if isinstance(p, MetaTensor) else (1.0, 1.0, 1.0)
-            inst = instances_from_prediction(arr, self.method, spacing, self.h_um, self.min_size)[None]
+            inst = instances_from_prediction(arr, self.method, spacing, self.h_um, self.min_size, self.edge_um)[None]
             d[self.instances_key] = _like_meta(p, inst.astype(np.int32))
             if self.argmax:
                 d[k] = _like_meta(p, np.argmax(arr, 0)[None].astype(np.uint8) if arr.shape[0] > 1 else arr)

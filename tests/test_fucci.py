@@ -643,3 +643,36 @@ def test_phase_analysis_script_merges_an_oversplit_nucleus(tmp_path):
     refined = read_image(str(tmp_path / "merged" / "s_refined_instances.ome.tif"), spatial_dims=3)[0][0]
     assert len(np.unique(refined[lab == big])) == 1 and len(np.unique(refined[lab == lab.max()])) == 1
     assert refined[lab == big][0] == refined[lab == lab.max()][0]  # the two halves are one instance again
+
+
+def test_edge_voxels_are_given_back_to_the_adjacent_instance():
+    """Hand-built: two nuclei of radius 8 px; the prediction's nucleus class is radius 7 and its edge
+    ring 7..9 straddles the true boundary. The nucleus class alone shrinks both masks; giving back
+    the edge within 1 um restores them; the whole ring over-grows them; touching rings split by distance."""
+    z, y, x = 3, 30, 50
+    yy, xx = np.mgrid[:y, :x]
+    gt = np.zeros((z, y, x), np.int32)
+    sem = np.zeros((z, y, x), np.uint8)
+    for i, (cy, cx) in enumerate([(15, 12), (15, 31)]):  # rings of the two nuclei touch between them
+        r = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        gt[:, r <= 8] = i + 1
+        sem[:, r <= 7] = F.NUCLEUS
+        sem[:, (r > 7) & (r <= 9) & (sem[0] != F.NUCLEUS)] = F.EDGE
+
+    def dice(out, i, at):
+        g, m = gt == i, out == out[1][at]
+        return 2 * (g & m).sum() / (g.sum() + m.sum())
+
+    alone = F.instances_from_prediction(sem, "cc", edge_um=0)
+    inner = F.instances_from_prediction(sem, "cc", edge_um=1.0)
+    whole = F.instances_from_prediction(sem, "cc", edge_um=None)
+    for lab in (alone, inner, whole):
+        assert len(np.unique(lab)) == 3  # background + the same two instances
+    for i, at in ((1, (15, 12)), (2, (15, 31))):
+        assert dice(alone, i, at) < 0.9 < dice(inner, i, at)
+        assert dice(whole, i, at) < dice(inner, i, at)
+    # every voxel given back is an edge voxel within 1 um of its instance, nothing else changed
+    changed = inner != alone
+    assert np.all(sem[changed] == F.EDGE) and np.all(alone[changed] == 0)
+    # the two instances stay apart: no voxel of one touches the other across the split
+    assert (inner == 1).sum() == (inner == 2).sum()
