@@ -16,7 +16,8 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from common.fastpath import (FastPathNet, FastSimpleInferer, FastSlidingWindowInferer, fuse_conv_bn,
-                             memory_format_for, prepare_inference_network, set_memory_format, weights_version)
+                             memory_format_for, prepare_inference_network, margin_weight_map, set_memory_format,
+                             weights_version)
 from common.networks.fnet import FNet
 from zoo_testing import BUNDLES, ROOT, TINY, env
 
@@ -331,3 +332,53 @@ def test_quality_mode_trains_both_precisions(tmp_path):
     assert abs(runs["fp32, bf16 inference"]["val_pearson"] - r32) < 0.01
     assert q["relative_difference"] == pytest.approx(abs(r16 - r32) / abs(r32))
     assert q["within_1_percent"] == (q["relative_difference"] <= 0.01)
+
+
+# ----------------------------------------------------------------------------- seams
+
+def _seam_case():
+    from common.synthetic import make_cell_field_3d
+
+    f = make_cell_field_3d((32, 160, 160), n_cells=20, seed=5)
+    x = torch.as_tensor((f["signal"] - f["signal"].mean()) / f["signal"].std(), dtype=torch.float32)[None, None]
+    torch.manual_seed(0)
+    net = FNet(mult_chan=4, depth=4).eval()  # the F-net's own N(0, 0.02) initialisation
+    with torch.no_grad():
+        return x, net, net(x)  # a volume that also fits whole
+
+
+@pytest.mark.parametrize("bundle", ["fnet_baseline", "spotlight_dna"])
+def test_sliding_window_defaults_have_no_seams(bundle):
+    """The bundles' inference windows give the whole-volume prediction (Pearson r >= 0.999)."""
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config(os.path.join(BUNDLES, bundle, "configs", "inference.json"))
+    inferer = p.get_parsed_content("inferer")
+    assert isinstance(inferer, FastSlidingWindowInferer) and inferer.margin is not None
+    x, net, whole = _seam_case()
+    with torch.no_grad():
+        sw = inferer(x, net)
+    assert sw.shape == whole.shape
+    assert _pearson(sw, whole) >= 0.999
+
+
+def test_plain_gaussian_windows_show_their_seams():
+    """The old default (32x64x64 windows, 25 % overlap, Gaussian blending) differs from the whole-volume
+    prediction near every window edge: the margin blending is what makes the test above pass."""
+    x, net, whole = _seam_case()
+    with torch.no_grad():
+        old = FastSlidingWindowInferer((32, 64, 64), sw_batch_size=4, overlap=0.25, mode="gaussian")(x, net)
+        tiled = FastSlidingWindowInferer((32, 64, 64), sw_batch_size=4, overlap=0.5, mode="constant", margin=0.25)(x, net)
+    assert _pearson(old, whole) < 0.99
+    assert _pearson(tiled, whole) > _pearson(old, whole)  # margins help at any window size
+
+
+def test_margin_weight_map_values():
+    w = margin_weight_map((4, 8, 8), (0, 0.25, 2))
+    assert w.shape == (4, 8, 8) and float(w.max()) == 1.0
+    # z flat; y and x: edge weight (1/2)^4 at a 2-voxel margin, 1 from the second voxel inwards
+    assert torch.equal(w[:, 3, 3], torch.ones(4))
+    assert torch.allclose(w[0, :, 4], torch.tensor([0.0625, 1, 1, 1, 1, 1, 1, 0.0625]))
+    with pytest.raises(ValueError, match="leaves nothing"):
+        margin_weight_map((8, 8), 0.6)
