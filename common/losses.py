@@ -30,7 +30,8 @@ from torch import nn
 __all__ = ["soft_threshold", "masked_mse", "soft_dice_loss", "SpotlightLoss"]
 
 
-_CLAMPS = {"min": (0.0, None), "both": (0.0, 1.0), "none": (None, None), True: (0.0, 1.0), False: (None, None)}
+_CLAMPS = {"min": (0.0, None), "both": (0.0, 1.0), "none": (None, None), "rescaled": (-1.0, 1.0), True: (0.0, 1.0),
+           False: (None, None)}
 
 
 def soft_threshold(x: torch.Tensor, k: float = -0.95, clamp: str | bool = "min") -> torch.Tensor:
@@ -55,6 +56,9 @@ def soft_threshold(x: torch.Tensor, k: float = -0.95, clamp: str | bool = "min")
             masked MSE, so nothing ever pulls it down (measured: a short training run then predicts
             everything as foreground, see ``bundles/spotlight_dna/docs/README.md``). ``"none"``
             (or ``False``): the raw formula as written in the paper. ``True`` means ``"both"``.
+            ``"rescaled"``: ``(clamp(sigma, -1, 1) + 1) / 2``, which maps ``[-1, 1]`` onto ``[0, 1]``
+            and keeps a gradient on background voxels down to ``x = -1`` (so the Dice term pulls
+            the background towards one low level), none below -1 or above 1.
 
     Returns:
         tensor of the shape of ``x``.
@@ -62,8 +66,10 @@ def soft_threshold(x: torch.Tensor, k: float = -0.95, clamp: str | bool = "min")
     if not -1.0 < k < 0.0:
         raise ValueError(f"k must be in (-1, 0), got {k}")
     if clamp not in _CLAMPS:
-        raise ValueError(f"clamp must be 'min', 'both' or 'none', got {clamp!r}")
+        raise ValueError(f"clamp must be 'min', 'both', 'none' or 'rescaled', got {clamp!r}")
     raw = (x - k * x) / (k - 2.0 * k * x.abs() + 1.0)
+    if clamp == "rescaled":
+        return (raw.clamp(-1.0, 1.0) + 1.0) / 2.0
     lo, hi = _CLAMPS[clamp]
     return raw if lo is None and hi is None else raw.clamp(lo, hi)
 
@@ -138,7 +144,8 @@ class SpotlightLoss(nn.Module):
         lambda_mse: weight of the MMSE term, ``[0, 1]`` (paper 0.5).
         k: sharpness of :func:`soft_threshold`, ``(-1, 0)`` (paper -0.95).
         eps: Dice denominator epsilon.
-        clamp: ``"min"`` (default), ``"both"`` (VisCy) or ``"none"`` (see :func:`soft_threshold`).
+        clamp: ``"min"`` (default), ``"both"`` (VisCy), ``"none"`` (the paper's formula) or
+            ``"rescaled"`` (see :func:`soft_threshold`).
         fg_threshold: threshold for labels that carry no mask channel.
     """
 
@@ -155,7 +162,7 @@ class SpotlightLoss(nn.Module):
         self.k = float(k)
         self.eps = float(eps)
         if clamp not in _CLAMPS:
-            raise ValueError(f"clamp must be 'min', 'both' or 'none', got {clamp!r}")
+            raise ValueError(f"clamp must be 'min', 'both', 'none' or 'rescaled', got {clamp!r}")
         self.clamp = clamp
         self.fg_threshold = float(fg_threshold)
 

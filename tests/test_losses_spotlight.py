@@ -308,3 +308,57 @@ def test_patch_sampler_per_patch_otsu_and_mask_key():
     tr.set_random_state(3)
     for _ in range(10):
         assert tr({"m": torch.as_tensor(mask)})["m"].sum() >= 0.004 * 2048
+
+
+K = -0.95
+POINTS = [-2.0, -1.0, -0.5, -0.1, 0.1, 0.5, 0.99, 1.5, 3.0]  # below -1, between -1 and 0, (0, 1), above 1
+
+
+def _raw(x, k=K):
+    return (x - k * x) / (k - 2 * k * abs(x) + 1)
+
+
+def _slope(x, k=K):  # d sigma_k / dx, by hand
+    return (1 - k) * (1 + k) / (1 + k - 2 * k * abs(x)) ** 2
+
+
+def _expected(variant, x):
+    r, g = _raw(x), _slope(x)
+    if variant == "none":
+        return r, g
+    if variant == "min":
+        return (r, g) if r > 0 else (0.0, 0.0)
+    if variant == "both":
+        return (min(max(r, 0.0), 1.0), g if 0 < r < 1 else 0.0)
+    # rescaled: (clamp(sigma, -1, 1) + 1) / 2
+    return ((min(max(r, -1.0), 1.0) + 1) / 2, g / 2 if -1 < r < 1 else 0.0)
+
+
+@pytest.mark.parametrize("variant", ["min", "both", "none", "rescaled"])
+@pytest.mark.parametrize("x", POINTS)
+def test_soft_threshold_variants_value_and_gradient_by_hand(variant, x):
+    from common.losses import soft_threshold
+
+    t = torch.tensor([x], dtype=torch.float64, requires_grad=True)
+    y = soft_threshold(t, K, variant)
+    y.sum().backward()
+    want_v, want_g = _expected(variant, x)
+    assert y.item() == pytest.approx(want_v, abs=1e-9)
+    assert t.grad.item() == pytest.approx(want_g, abs=1e-9)
+
+
+def test_rescaled_variant_pulls_background_down_between_minus_one_and_zero():
+    """Only the rescaled variant gives the Dice term a gradient on a background voxel predicted at -0.5
+    (pushing it further down); min-clamp and [0, 1] clamp give none there."""
+    from common.losses import SpotlightLoss
+
+    pred = torch.tensor([1.0, 1.0, -0.5, -0.5]).reshape(1, 1, 2, 2).requires_grad_(True)
+    target = torch.tensor([1.0, 1.0, -1.0, -1.0]).reshape(1, 1, 2, 2)
+    label = torch.cat([target, (target > 0).float()], 1)
+    grads = {}
+    for variant in ("min", "both", "rescaled"):
+        pred.grad = None
+        SpotlightLoss(lambda_mse=0.0, k=K, clamp=variant)(pred, label).backward()
+        grads[variant] = pred.grad.flatten()[2].item()
+    assert grads["min"] == 0.0 and grads["both"] == 0.0
+    assert grads["rescaled"] > 0  # gradient descent lowers the background voxel
