@@ -81,6 +81,7 @@ class TrainingProgress:
         self._tty = hasattr(out, "isatty") and out.isatty()
         self._total = engine.state.max_epochs * engine.state.epoch_length
         self._initial = engine.state.iteration - 1  # a resumed run starts where it stopped
+        self._rate_from = engine.state.iteration  # log lines: iterations/s counted from the first one
         self._t0 = self._last_line = time.time()
         if self._tty:
             self.bar = tqdm(total=self._total, initial=self._initial, file=out, unit="it", dynamic_ncols=True,
@@ -107,7 +108,7 @@ class TrainingProgress:
 
             self._last_line = now
             self.logger.info(tqdm.format_meter(s.iteration, self._total, now - self._t0, prefix="training", ascii=True,
-                                               postfix=text, initial=self._initial, ncols=70 + len(text)))
+                                               postfix=text, initial=self._rate_from, ncols=70 + len(text)))
 
     def _close(self, engine=None) -> None:
         if self.bar:
