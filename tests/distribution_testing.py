@@ -108,7 +108,8 @@ def training_label(bundle: str, kind: str, shape, seed: int = 0) -> np.ndarray:
 
 def make_copy(bundle: str, dest_dir: str, bake_tiny: bool, seed: int = 0) -> str:
     """Copy a bundle (configs, docs, LICENSE, scripts) to ``dest_dir/<bundle>`` with random weights in
-    ``models/model.pt`` for its network with the tiny overrides. ``bake_tiny`` writes the tiny network
+    ``models/model.pt`` for its network with the tiny overrides, and its record ``models/model.json`` (the
+    network, and the input channels the metadata describes). ``bake_tiny`` writes the tiny network
     overrides into the copied inference.json/train.json (MONAI Label reads the files as they are)."""
     src = os.path.join(BUNDLES, bundle)
     dst = os.path.join(dest_dir, bundle)
@@ -125,6 +126,9 @@ def make_copy(bundle: str, dest_dir: str, bake_tiny: bool, seed: int = 0) -> str
     tiny = dict(TINY.get(bundle, {}))
     parser = ConfigParser()
     parser.read_config(os.path.join(dst, "configs", "inference.json"))
+    settings = {}
+    if "in_channels" in parser.config:  # the input the metadata describes (the shipped model's), not the default
+        settings["in_channels"] = tiny.setdefault("in_channels", input_spec(bundle, dest_dir)[1])
     for k, v in tiny.items():
         parser[k] = v
     if bake_tiny:
@@ -140,6 +144,9 @@ def make_copy(bundle: str, dest_dir: str, bake_tiny: bool, seed: int = 0) -> str
     torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def")
     torch.save(net.state_dict(), os.path.join(dst, "models", "model.pt"))
+    from common.networks.record import write_record
+
+    write_record(os.path.join(dst, "models", "model.pt"), net, settings)  # what training writes beside the weights
     return dst
 
 
