@@ -37,9 +37,12 @@ def test_staged_release_packages_with_its_overrides_and_record(tmp_path):
     from common.networks.unet3d import UNet3D
 
     features = [4, 8, 16]
+    from common.networks.record import write_record
+
     net = UNet3D(in_channels=1, out_channels=3, features=features)
     w = tmp_path / "model.pt"
     torch.save(net.state_dict(), w)
+    write_record(str(w), net, {"input_channels": [0]})  # what training writes beside the weights
     metrics = {"cells3d_test_f1_nucleus": 0.5}
     dst = tp.stage_release(str(tmp_path), "unet3d_fucci", {"model.pt": str(w)},
                            {"network_def#features": features}, metrics, {"trained_on": "test", "budget": "none"})
@@ -60,10 +63,47 @@ def test_staged_release_packages_with_its_overrides_and_record(tmp_path):
     assert tp._sha256(zpath) == rec["package"]["checksum"]
     with zipfile.ZipFile(zpath) as z:
         names = set(z.namelist())
-        assert {"unet3d_fucci/models/model.pt", "unet3d_fucci/models/model.ts",
+        assert {"unet3d_fucci/models/model.pt", "unet3d_fucci/models/model.json", "unet3d_fucci/models/model.ts",
                 "unet3d_fucci/docs/pretrained.json"} <= names
+        assert z.read("unet3d_fucci/models/model.json") == (tmp_path / "model.json").read_bytes()
         ts = torch.jit.load(z.open("unet3d_fucci/models/model.ts"))
     x = torch.rand(1, 1, 8, 32, 32)
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(ts(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_ship_puts_weights_records_and_metrics_into_the_bundle(tmp_path):
+    """``ship``: the staged weights and records replace the bundle's, the record and metrics follow, configs stay."""
+    import shutil
+
+    from common.networks.record import write_record
+    from common.networks.unet3d import UNet3D
+
+    bundles = tmp_path / "bundles"
+    shutil.copytree(os.path.join(ROOT, "bundles", "unet3d_fucci"), bundles / "unet3d_fucci")
+    (bundles / "unet3d_fucci" / "models" / "model.ts").write_bytes(b"an old export")
+    meta_path = bundles / "unet3d_fucci" / "configs" / "metadata.json"
+    meta = json.load(open(meta_path))
+    meta["eval_metrics"] = {"pretrained_old_metric": 1.0, "paper_dice": 0.9}
+    json.dump(meta, open(meta_path, "w"))
+    inference_before = (bundles / "unet3d_fucci" / "configs" / "inference.json").read_bytes()
+    net = UNet3D(in_channels=1, out_channels=3, features=[4, 8, 16])
+    w = tmp_path / "run" / "model.pt"
+    w.parent.mkdir()
+    torch.save(net.state_dict(), w)
+    write_record(str(w), net, {"input_channels": [0]})
+    out = tmp_path / "staged"
+    tp.stage_release(str(out), "unet3d_fucci", {"model.pt": str(w)}, {}, {"cells3d_test_f1_nucleus": 0.5},
+                     {"trained_on": "test", "budget": "none"})
+    tp.ship(out_dir=str(out), bundles="unet3d_fucci", bundles_dir=str(bundles))
+    models = bundles / "unet3d_fucci" / "models"
+    assert sorted(f for f in os.listdir(models) if not f.startswith(".")) == ["model.json", "model.pt"]
+    assert (models / "model.pt").read_bytes() == w.read_bytes()
+    assert (models / "model.json").read_bytes() == (tmp_path / "run" / "model.json").read_bytes()
+    rec = json.load(open(bundles / "unet3d_fucci" / "docs" / "pretrained.json"))
+    assert rec["weights"]["model.pt"]["sha256"] == tp._sha256(str(w)) and "this repository" in rec["released"]
+    assert json.load(open(meta_path))["eval_metrics"] == {"paper_dice": 0.9, "pretrained_cells3d_test_f1_nucleus": 0.5}
+    assert (bundles / "unet3d_fucci" / "configs" / "inference.json").read_bytes() == inference_before
+    with pytest.raises(ValueError, match="no staged release for \\['isl_cell_instance'\\]"):
+        tp.ship(out_dir=str(out), bundles="isl_cell_instance", bundles_dir=str(bundles))
