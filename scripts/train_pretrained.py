@@ -5,6 +5,7 @@
     python scripts/train_pretrained.py train --preset cpu --bundles unet3d_fucci --out_dir pretrained
     python scripts/train_pretrained.py package --out_dir pretrained    # -> pretrained/dist/*.zip + model_info.json
     python scripts/train_pretrained.py record --summary pretrained/summary.json   # eval_metrics -> bundles/*/configs/metadata.json
+    python scripts/train_pretrained.py ship --out_dir pretrained --bundles unet3d_fucci   # weights + records into bundles/
 
 Each bundle is trained by the experiment script that produces the numbers in its README, on the data
 available without a download (real wherever it exists), with a stated budget:
@@ -16,16 +17,19 @@ fnet_baseline  synthetic 3D phantoms (``common.synthetic``):    2 synthetic test
 spotlight_dna  no real transmitted-light + DNA pair is here     SSIM, nucleus AP (``compare_fnet_spotlight``)
 isl_nucleus_   aiSEGcell fig3a field p0001 (real brightfield +  the two other fig3a fields: stage-0 Pearson r,
 seg            nuclear stain; masks for stage 1)                stage-1 IoU (``isl_fewshot``)
-isl_cell_      BBBC030 cho21..38 (real DIC + cell masks); ISL   BBBC030 cho41..60: mAP, AP@0.5, F1, AJI
-instance       stage 0 on synthetic DIC -> membrane phantoms    (``benchmark_isl_cell``)
+isl_cell_      BBBC030 cho21..38 (real DIC + cell masks); gpu:  BBBC030 cho41..60: mAP, AP@0.5, F1, AJI
+instance       ISL stage 0 on synthetic DIC -> membrane         (``benchmark_isl_cell``)
+               phantoms; cpu: from scratch, real data only
 unet3d_fucci   cells3d nuclei, left half (real, 20 nuclei)      right half: per-class F1, AP, evaluation score
                                                                 (``fucci_cells3d_experiment``)
 ============== ================================================ ===============================================
 
 Presets: ``gpu`` trains the published network sizes (the configs' defaults, so the released configs
-are the repository's); ``cpu`` uses the reduced networks and budgets of the READMEs' CPU
-experiments, and the released configs then carry those network settings (``config_overrides`` in
-``docs/pretrained.json``). Full-scale training needs a GPU and each paper's own dataset (see every
+are the repository's); ``cpu`` uses the reduced networks and the best measured budgets of the READMEs'
+CPU experiments (the weights shipped in this repository: minutes per bundle on 2 cores, files of a few
+MB); the staged configs then carry those network settings (``config_overrides`` in
+``docs/pretrained.json``), and every weight file carries its record (``models/<stem>.json``, the network
+it was trained as), so ``ship`` leaves the repository's configs alone. Full-scale training needs a GPU and each paper's own dataset (see every
 bundle's ``data_source`` and the ``prepare_*.py`` scripts).
 
 ``train`` writes ``<out_dir>/release/<bundle>/`` (a copy of the bundle with ``models/model.pt``, the
