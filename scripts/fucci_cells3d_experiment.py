@@ -136,7 +136,8 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
     features = [int(f) for f in features]
     patch = [int(p) for p in patch]
     seeds = [int(x) for x in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
-    edge_grid = [None if e == "ring" else float(e) for e in edge_grid]
+    # "ring": far enough to reach every edge voxel (None would read as "no override" in the bundle runner)
+    edge_grid = [100.0 if e == "ring" else float(e) for e in edge_grid]
 
     print(f"[1/5] cells3d nuclei, downsampled {downsample}x; ground truth (edge = dilation minus mask)")
     img, lab, spacing = load_cells3d(downsample)
@@ -179,9 +180,9 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         for e in edge_grid:
             sem, inst = predict(models, "train", os.path.join(sdir, "pred_train"), "watershed", e)
             scores[e] = segmentation_report(gt["train"][0], sem, gt["train"][1], inst)["mAP"]
-        chosen = max(edge_grid, key=lambda e: (scores[e], -1 if e is None else -e))
-        row = {"seed": seed, "edge_um_chosen": "ring" if chosen is None else chosen,
-               "train_mAP_by_edge_um": {("ring" if e is None else str(e)): round(v, 4) for e, v in scores.items()}}
+        chosen = max(edge_grid, key=lambda e: (scores[e], -e))  # ties: the least growth
+        row = {"seed": seed, "edge_um_chosen": chosen,
+               "train_mAP_by_edge_um": {str(e): round(v, 4) for e, v in scores.items()}}
         for label, method, e in (("cc", "connected_components", 0.0), ("ws", "watershed", 0.0),
                                  ("ws_edges", "watershed", chosen)):
             sem, inst = predict(models, "test", os.path.join(sdir, f"pred_{label}"), method, e)
