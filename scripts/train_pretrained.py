@@ -157,6 +157,26 @@ def set_config_value(config: dict, key: str, value) -> bool:
     return False
 
 
+def stable_copy(src: str, dst: str) -> str:
+    """Copy weights so that the same tensors give the same bytes (and so the same sha256).
+
+    ``torch.save`` to a path names the archive's top folder after the file, and training saves to a
+    temporary name first (atomic writes), so two identical runs give different bytes; saving through a
+    file object uses a fixed name. Non-``.pt`` files are copied as they are.
+    """
+    import torch
+
+    if not src.endswith(".pt"):
+        shutil.copyfile(src, dst)
+        return dst
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    tmp = dst + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+    os.replace(tmp, dst)
+    return dst
+
+
 def stage_release(out_dir: str, bundle: str, models: dict, overrides: dict, metrics: dict, record: dict) -> str:
     """Copy ``bundles/<bundle>`` to ``<out_dir>/release/<bundle>`` with the trained weights and the record.
 
@@ -172,7 +192,7 @@ def stage_release(out_dir: str, bundle: str, models: dict, overrides: dict, metr
     shutil.copyfile(os.path.join(src, "LICENSE"), os.path.join(dst, "LICENSE"))
     os.makedirs(os.path.join(dst, "models"))
     for name, path in models.items():
-        shutil.copyfile(path, os.path.join(dst, "models", name))
+        stable_copy(path, os.path.join(dst, "models", name))
         rec_src, rec_dst = os.path.splitext(path)[0] + ".json", os.path.splitext(name)[0] + ".json"
         if os.path.isfile(rec_src):  # the network record (common.networks.record) travels with the weights
             shutil.copyfile(rec_src, os.path.join(dst, "models", rec_dst))
@@ -370,13 +390,15 @@ def train_fucci(out_dir: str, preset: dict) -> None:
     p = preset["fucci"]
     work = os.path.join(out_dir, "work", "unet3d_fucci")
     t0 = time.time()
+    # one model (seed 0), scored with the inference config's defaults (watershed, no edge voxels given back)
     fucci_cells3d_experiment.main(out_dir=work, downsample=p["downsample"], features=p["features"], patch=p["patch"],
                                   batch_size=p["batch_size"], epochs=p["epochs"], epoch_length=p["epoch_length"],
-                                  learning_rate=p["learning_rate"], threads=preset["threads"])
+                                  learning_rate=p["learning_rate"], threads=preset["threads"], seeds=(0,),
+                                  edge_grid=(0.0,))
     seconds = time.time() - t0
     with open(os.path.join(work, "report", "metrics.json")) as f:
         m = json.load(f)
-    ws, cc = m["watershed"], m["connected_components"]
+    ws, cc = m["per_seed"][0]["ws"], m["per_seed"][0]["cc"]
     metrics = {"cells3d_test_f1_nucleus": _r(ws["f1_nucleus"]), "cells3d_test_f1_edge": _r(ws["f1_edge"]),
                "cells3d_test_watershed_ap50": _r(ws["ap50"]), "cells3d_test_watershed_mAP": _r(ws["mAP"]),
                "cells3d_test_watershed_eval_score": _r(ws["score"]),
@@ -395,7 +417,7 @@ def train_fucci(out_dir: str, preset: dict) -> None:
               "command": "python scripts/fucci_cells3d_experiment.py (via scripts/train_pretrained.py)",
               "train_seconds": round(seconds, 1),
               "note": "one reporter channel (nuclei); trained on 20 nuclei only: fine-tune on your spheroids"}
-    stage_release(out_dir, "unet3d_fucci", {"model.pt": os.path.join(work, "models", "model.pt")},
+    stage_release(out_dir, "unet3d_fucci", {"model.pt": os.path.join(work, "seed_0", "models", "model.pt")},
                   overrides, metrics, record)
 
 
