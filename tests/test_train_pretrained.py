@@ -58,7 +58,10 @@ def test_staged_release_packages_with_its_overrides_and_record(tmp_path):
         summary = json.load(f)
     rec = summary["unet3d_fucci"]
     assert rec["config_overrides"] == {"network_def#features": features}
-    assert rec["weights"]["model.pt"]["sha256"] == tp._sha256(str(w))
+    staged = os.path.join(tmp_path, "release", "unet3d_fucci", "models", "model.pt")
+    assert rec["weights"]["model.pt"]["sha256"] == tp._sha256(staged)
+    same = torch.load(staged, weights_only=True)
+    assert all(torch.equal(same[k], v) for k, v in net.state_dict().items()) and len(same) == len(net.state_dict())
     zpath = os.path.join(tmp_path, "dist", rec["package"]["name"])
     assert tp._sha256(zpath) == rec["package"]["checksum"]
     with zipfile.ZipFile(zpath) as z:
@@ -99,11 +102,24 @@ def test_ship_puts_weights_records_and_metrics_into_the_bundle(tmp_path):
     tp.ship(out_dir=str(out), bundles="unet3d_fucci", bundles_dir=str(bundles))
     models = bundles / "unet3d_fucci" / "models"
     assert sorted(f for f in os.listdir(models) if not f.startswith(".")) == ["model.json", "model.pt"]
-    assert (models / "model.pt").read_bytes() == w.read_bytes()
+    assert (models / "model.pt").read_bytes() == (out / "release" / "unet3d_fucci" / "models" / "model.pt").read_bytes()
     assert (models / "model.json").read_bytes() == (tmp_path / "run" / "model.json").read_bytes()
     rec = json.load(open(bundles / "unet3d_fucci" / "docs" / "pretrained.json"))
-    assert rec["weights"]["model.pt"]["sha256"] == tp._sha256(str(w)) and "this repository" in rec["released"]
+    assert rec["weights"]["model.pt"]["sha256"] == tp._sha256(str(models / "model.pt")) and "this repository" in rec["released"]
     assert json.load(open(meta_path))["eval_metrics"] == {"paper_dice": 0.9, "pretrained_cells3d_test_f1_nucleus": 0.5}
     assert (bundles / "unet3d_fucci" / "configs" / "inference.json").read_bytes() == inference_before
     with pytest.raises(ValueError, match="no staged release for \\['isl_cell_instance'\\]"):
         tp.ship(out_dir=str(out), bundles="isl_cell_instance", bundles_dir=str(bundles))
+
+
+def test_stable_copy_gives_the_same_bytes_for_the_same_tensors(tmp_path):
+    """torch.save to a path names the archive after the (temporary) file; two saves of the same weights
+    under different names differ byte-wise, their stable copies do not."""
+    net = torch.nn.Conv2d(2, 3, 3)
+    a, b = tmp_path / ".tmp_1_abc.pt", tmp_path / ".tmp_2_xyz.pt"
+    torch.save(net.state_dict(), a)
+    torch.save(net.state_dict(), b)
+    assert a.read_bytes() != b.read_bytes()
+    ca, cb = tp.stable_copy(str(a), str(tmp_path / "a.pt")), tp.stable_copy(str(b), str(tmp_path / "b.pt"))
+    assert open(ca, "rb").read() == open(cb, "rb").read()
+    torch.testing.assert_close(torch.load(ca, weights_only=True), net.state_dict())
