@@ -135,12 +135,12 @@ def test_documented_files_exist():
 
 # ------------------------------------------------------------------------------------------ running them
 
-BUNDLE_DATA = {  # make_synthetic command -> tiny data for each bundle
-    "fnet_baseline": "cells3d --n_volumes 3 --shape 16,32,32 --n_cells 3",
-    "spotlight_dna": "cells3d --n_volumes 3 --shape 16,32,32 --n_cells 3",
-    "isl_nucleus_seg": "isl2d --n_images 3 --shape 64,64 --n_cells 4",
-    "isl_cell_instance": "dic2d --n_images 3 --shape 64,64 --n_cells 4",
-    "unet3d_fucci": "fucci --n_spheroids 3 --shape 8,64,64 --n_nuclei 6",
+BUNDLE_DATA = {  # make_synthetic command -> tiny data for each bundle (2 validation items: DDP runs 2 processes)
+    "fnet_baseline": "cells3d --n_volumes 4 --n_val 2 --shape 16,32,32 --n_cells 3",
+    "spotlight_dna": "cells3d --n_volumes 4 --n_val 2 --shape 16,32,32 --n_cells 3",
+    "isl_nucleus_seg": "isl2d --n_images 4 --n_val 2 --shape 64,64 --n_cells 4",
+    "isl_cell_instance": "dic2d --n_images 4 --n_val 2 --shape 64,64 --n_cells 4",
+    "unet3d_fucci": "fucci --n_spheroids 4 --n_val 2 --shape 8,64,64 --n_nuclei 6",
 }
 
 
@@ -213,6 +213,8 @@ def run_doc(doc: str, kinds, tmp, bundle: str = "fnet_baseline", timeout: int = 
     e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
     p = subprocess.run(["bash", "-c", script], cwd=root, env=e, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
+    with open(os.path.join(str(tmp), "docs_run.log"), "w") as f:  # the whole run, for a failure's details
+        f.write(script + "\n" + out)
     assert p.returncode == 0, f"{doc}: a documented command failed ({p.returncode}):\n{script}\n{out[-6000:]}"
     return ran, out, root
 
