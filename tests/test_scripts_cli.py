@@ -33,6 +33,9 @@ def _fire_targets(path):
     """``{command or None: (parameter names, takes **kwargs)}`` of what the script gives to fire."""
     tree = ast.parse(open(path).read())
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for n in ast.walk(tree):  # functions defined inside the `if __name__ == "__main__":` block too
+        if isinstance(n, ast.FunctionDef):
+            funcs.setdefault(n.name, n)
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
     def params(name):
