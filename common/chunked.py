@@ -192,17 +192,20 @@ def predict_zarr(network: torch.nn.Module | Callable, source: str, output: str, 
             "max_buffer_voxels": max_held, "peak_rss_mib": peak_rss_mib()}
 
 
-def _bench(shape: str, work_dir: str, block: str = "64,512,512", mult_chan: int = 4, depth: int = 2) -> dict:
-    """Write a synthetic ``C,Z,Y,X`` uint16 volume lazily, predict it chunk by chunk with a small F-net,
-    and report the sizes and the peak RSS (run one size per process)."""
+def _bench(shape: str, work_dir: str, block: str = "64,512,512", net: str = "pointwise", mult_chan: int = 4,
+           depth: int = 2) -> dict:
+    """Write a synthetic ``C,Z,Y,X`` uint16 volume lazily, predict it chunk by chunk, and report the
+    sizes, times and the peak RSS (run one size per process: ``ru_maxrss`` only grows)."""
     import dask.array as da
     import time
 
     from common import omezarr
     from common.networks.fnet import FNet
 
-    shp = tuple(int(v) for v in str(shape).split(","))
-    blk = tuple(int(v) for v in str(block).split(","))
+    def ints(v):  # fire turns "1,64,2048,2048" into a tuple
+        return tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else str(v).replace("x", ",").split(",")))
+
+    shp, blk = ints(shape), ints(block)
     os.makedirs(work_dir, exist_ok=True)
     src = os.path.join(work_dir, "volume_" + "x".join(map(str, shp)) + ".zarr")
     t0 = time.time()
@@ -213,11 +216,14 @@ def _bench(shape: str, work_dir: str, block: str = "64,512,512", mult_chan: int 
     t_write = time.time() - t0
     rss_after_write = peak_rss_mib()
     torch.manual_seed(0)
-    net = FNet(spatial_dims=3, in_channels=1, out_channels=1, depth=depth, mult_chan=mult_chan).eval()
+    if net == "fnet":
+        model = FNet(spatial_dims=3, in_channels=1, out_channels=1, depth=depth, mult_chan=mult_chan).eval()
+    else:  # a per-voxel network: the pipeline's own memory (blocks, halos, blending, zarr I/O) at CPU speed
+        model = torch.nn.Conv3d(1, 1, 1).eval()
     t0 = time.time()
-    report = predict_zarr(net, src, os.path.join(work_dir, "pred_" + os.path.basename(src)), roi_size=(32, 128, 128),
+    report = predict_zarr(model, src, os.path.join(work_dir, "pred_" + os.path.basename(src)), roi_size=(32, 128, 128),
                           out_channels=1, block=blk, target_spacing_um=(0.29, 0.29, 0.29))
-    report.update(input=src, input_gib=float(np.prod(shp)) * 2 / 2**30, output_gib=float(np.prod(shp)) * 4 / 2**30,
+    report.update(net=net, input=src, input_gib=float(np.prod(shp)) * 2 / 2**30, output_gib=float(np.prod(shp)) * 4 / 2**30,
                   seconds_write=round(t_write, 1), seconds_predict=round(time.time() - t0, 1),
                   peak_rss_mib_after_write=round(rss_after_write, 1), peak_rss_mib=round(peak_rss_mib(), 1))
     return report
@@ -229,8 +235,10 @@ if __name__ == "__main__":
 
     from common.cli import strict_fire
 
-    def bench(shape: str, work_dir: str, block: str = "64,512,512", mult_chan: int = 4, depth: int = 2) -> None:
-        """Measure peak RSS of chunked inference on a synthetic volume (``python -m common.chunked bench ...``)."""
-        print(json.dumps(_bench(shape, work_dir, block, mult_chan, depth)), flush=True)
+    def bench(shape: str, work_dir: str, block: str = "64,512,512", net: str = "pointwise", mult_chan: int = 4,
+              depth: int = 2) -> None:
+        """Measure peak RSS of chunked inference on a synthetic volume (``python -m common.chunked bench ...``);
+        ``net``: ``pointwise`` (a 1x1x1 convolution) or ``fnet`` (F-net with ``mult_chan``, ``depth``)."""
+        print(json.dumps(_bench(shape, work_dir, block, net, mult_chan, depth)), flush=True)
 
     strict_fire({"bench": bench}, sys.argv[1:], name="common.chunked")

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from common.io import ImageReadError, read_image
 
 __all__ = ["ManifestError", "read_manifest", "validate_records", "load_manifest", "list_images", "RandomPatchDataset",
-           "write_manifest", "split_rows", "split_manifest"]
+           "write_manifest", "split_rows", "split_manifest", "shard_records"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr")
 
@@ -129,8 +129,25 @@ def load_manifest(csv_path: str | os.PathLike, keys: Mapping[str, str] | None = 
     return records
 
 
+def shard_records(records: Sequence, rank: int | None = None, world_size: int | None = None) -> list:
+    """This process's share of the inference inputs: every ``world_size``-th record from ``rank``.
+
+    ``rank``/``world_size`` default to ``RANK``/``WORLD_SIZE`` (set by ``torchrun`` on every node), so
+    ``torchrun --nnodes N --nproc_per_node M -m monai.bundle run --config_file inference.json ...`` spreads
+    the images (plate fields) over all processes; outside torchrun every record is kept.
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
+    if world_size <= 1:
+        return list(records)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return list(records)[rank::world_size]
+
+
 def list_images(source: str | os.PathLike, key: str = "image", column: str = "path_signal", spatial_dims: int = 3,
-                validate: bool = True, pattern: str | None = None, channels: int | None = None) -> list[dict]:
+                validate: bool = True, pattern: str | None = None, channels: int | None = None,
+                shard: bool = True) -> list[dict]:
     """Inputs for inference: ``[{key: path}, ...]`` from a folder of images, a CSV manifest
     (its ``column``) or a single image file. Every file is opened and checked first.
 
@@ -141,6 +158,8 @@ def list_images(source: str | os.PathLike, key: str = "image", column: str = "pa
         source: folder, ``.csv`` manifest, image file, OME-Zarr image or plate.
         pattern: substring a file name in a folder must contain (e.g. ``"signal"``), optional.
         channels: the number of channels every image must have (the network's input), optional.
+        shard: under ``torchrun``, keep only this process's share (:func:`shard_records`); each
+            process then checks and predicts its own images, and plate outputs land in one plate.
     """
     from common import omezarr
 
@@ -170,6 +189,8 @@ def list_images(source: str | os.PathLike, key: str = "image", column: str = "pa
         records = [{key: source}]
     else:
         raise ManifestError(f"{source}: not found (give a folder, a .csv manifest or an image file)")
+    if shard:
+        records = shard_records(records)
     if validate:
         validate_records(records, image_keys=(key,), spatial_dims=spatial_dims,
                          channels=None if channels is None else {key: int(channels)})

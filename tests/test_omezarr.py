@@ -169,3 +169,39 @@ def test_plate_manifest_trains_a_bundle(tmp_path):
               ckpt_dir=str(out / "models"), output_dir=str(out / "runs"))
     run_bundle("fnet_baseline", "train.json", ov, timeout=300)
     assert os.path.isfile(out / "models" / "model.pt")
+
+
+def test_plate_fields_are_shared_between_ranks(tmp_path, monkeypatch):
+    plate, fields = _plate(tmp_path / "plate.zarr", shape=(4, 32, 32))
+    shares = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        shares.append([r["image"] for r in list_images(plate, spatial_dims=3)])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    every = [r["image"] for r in list_images(plate, spatial_dims=3)]
+    assert sorted(shares[0] + shares[1]) == sorted(every) and not set(shares[0]) & set(shares[1])
+    assert len(shares[0]) == 2 and len(shares[1]) == 1
+
+
+def test_torchrun_two_processes_predict_one_plate(fnet_model, tmp_path):
+    """``torchrun --nproc_per_node=2``: each rank predicts its fields into the one output plate."""
+    fields = {}
+    for i, key in enumerate([("A", "1", "0"), ("A", "2", "0"), ("B", "1", "0"), ("B", "1", "1")]):
+        f = make_cell_field_3d(shape=(6, 40, 36), n_cells=2, seed=10 + i, spacing_um=SPACING)
+        fields[key] = f["signal"][None]
+    plate = omezarr.write_plate(tmp_path / "in" / "plate.zarr", fields, spacing_um=SPACING)
+    ov = {"dataset_dir": plate, "ckpt_path": fnet_model}
+    run_bundle("fnet_baseline", "inference.json", dict(ov, output_dir=str(tmp_path / "two")), torchrun=2, timeout=300)
+    run_bundle_inprocess("fnet_baseline", "inference.json", dict(ov, output_dir=str(tmp_path / "one")))
+    two = omezarr.plate_fields(tmp_path / "two" / "plate_pred.zarr")
+    one = omezarr.plate_fields(tmp_path / "one" / "plate_pred.zarr")
+    assert [(f["row"], f["column"], f["field"]) for f in two] == list(fields)
+    for a, b in zip(two, one):
+        pa, sa, _ = read_image(a["path"], spatial_dims=3)
+        pb, _, _ = read_image(b["path"], spatial_dims=3)
+        np.testing.assert_allclose(pa, pb, atol=1e-5)
+        assert sa == pytest.approx(SPACING)
+    leftovers = [n for _, dirs, files in os.walk(tmp_path / "two") for n in dirs + files if n.startswith(".tmp_")]
+    assert not leftovers
