@@ -72,6 +72,8 @@ RULES = [
     (r"python -m pytest", "external", "the test suite itself"),
     (r"^python scripts/demo\.py$", "slow", "the demo (run with a tiny budget)"),
     (r"^python scripts/first_run\.py", "covered", "tests/test_first_run.py (the first-run helper)"),
+    (r"^python scripts/export_bioimageio\.py|^bioimageio test", "covered",
+     "bioimage.io export and its validation (shipped weights): tests/test_bioimageio.py"),
     (r"first_run_output/", "covered", "the shipped weights on first_run.py's inputs: tests/test_first_run.py"),
     (r"^[A-Z]+=\S+$", "run", "a shell variable"),
     (r"^cd downloaded/", "covered", "a downloaded bundle: tests/test_packaging.py"),
