@@ -21,7 +21,6 @@ normalisations other than a global or per-channel z-score.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import shutil
 from collections.abc import Callable, Sequence

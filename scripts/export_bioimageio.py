@@ -293,8 +293,7 @@ def export(bundle_dir: str, out: str, ckpt: str | None = None, sample: str | Non
     if "target_spacing_um" in parser.config:
         spacing = [float(s) for s in parser.get_parsed_content("target_spacing_um")]
         settings["spacing"] = "x".join(f"{s:g}" for s in spacing)
-    first = net.modules().__next__()
-    in_channels = next(m for m in first.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))).in_channels
+    in_channels = next(m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))).in_channels
 
     work = tempfile.mkdtemp(prefix="bioimageio_export_")
     try:
