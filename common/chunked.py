@@ -240,4 +240,32 @@ if __name__ == "__main__":
         ``net``: ``pointwise`` (a 1x1x1 convolution) or ``fnet`` (F-net with ``mult_chan``, ``depth``)."""
         print(json.dumps(_bench(shape, work_dir, block, net, mult_chan, depth)), flush=True)
 
-    strict_fire({"bench": bench}, sys.argv[1:], name="common.chunked")
+    def predict(ckpt: str, source: str, output: str, roi_size, overlap: float = 0.25, normalize: str = "zscore",
+                max_buffer_voxels: int = 64 * 2**20, softmax: bool = False, device: str = "cpu") -> None:
+        """Predict a big OME-Zarr image with a zoo model (weights + record), block by block.
+
+        ``python -m common.chunked predict --ckpt bundles/fnet_baseline/models/model.pt --source big.zarr
+        --output big_pred.zarr --roi_size 32,128,128`` (the network comes from the record beside the
+        weights; the voxel size it was trained at, when recorded, is checked against the input's).
+        """
+        from common.networks.record import build_network, read_record
+
+        record = read_record(ckpt)
+        if record is None:
+            sys.exit(f"common.chunked: error: {ckpt}: no model record beside the weights")
+        net = build_network(record["network_def"])
+        net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        net = net.eval().to(device)
+        model = (lambda x: torch.softmax(net(x), 1)) if softmax else net
+        roi = [int(v) for v in (roi_size if isinstance(roi_size, (tuple, list)) else str(roi_size).split(","))]
+        out_channels = next(m for m in reversed(list(net.modules())) if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))).out_channels
+        try:
+            report = predict_zarr(model, source, output, roi_size=roi, out_channels=out_channels, spatial_dims=len(roi),
+                                  overlap=overlap, normalize=None if normalize == "none" else normalize,
+                                  max_buffer_voxels=max_buffer_voxels, device=device, progress=True,
+                                  target_spacing_um=record.get("settings", {}).get("target_spacing_um"))
+        except ImageReadError as e:
+            sys.exit(f"common.chunked: error: {e}")
+        print(json.dumps(report), flush=True)
+
+    strict_fire({"bench": bench, "predict": predict}, sys.argv[1:], name="common.chunked")

@@ -97,3 +97,29 @@ def test_refusals_before_any_work(volume, tmp_path):
         predict_zarr(net, path, str(tmp_path / "o.zarr"), roi_size=(8, 32, 32), out_channels=2,
                      target_spacing_um=(1.0, 0.29, 0.29))
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_command_line_predicts_with_a_recorded_model(volume, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from common.networks.record import write_record
+    from zoo_testing import ROOT, env
+
+    _, path, a = volume
+    torch.manual_seed(0)
+    net = FNet(spatial_dims=3, in_channels=1, out_channels=1, depth=2, mult_chan=4).eval()
+    ckpt = str(tmp_path / "model.pt")
+    torch.save(net.state_dict(), ckpt)
+    write_record(ckpt, net, {"target_spacing_um": list(SPACING)})
+    p = subprocess.run([sys.executable, "-m", "common.chunked", "predict", "--ckpt", ckpt, "--source", path,
+                        "--output", str(tmp_path / "pred.zarr"), "--roi_size", "16,64,64",
+                        "--max_buffer_voxels", str(20 * 128 * 160)], env=env(), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = __import__("json").loads(p.stdout.strip().splitlines()[-1])
+    assert report["n_blocks"] > 1 and report["max_buffer_voxels"] <= 20 * 128 * 160
+    out, _, sizes = omezarr.read_omezarr(str(tmp_path / "pred.zarr"))
+    assert out.shape == a.shape and np.isfinite(out).all() and sizes == pytest.approx({"Z": 0.29, "Y": 0.29, "X": 0.29})
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp_")]
