@@ -88,7 +88,7 @@ def test_export_passes_bioimageio_test_and_matches_the_bundle(bundle, weights, t
 
     # bioimageio.core's own test, offline
     summary = tmp_path / "summary.json"
-    t = subprocess.run(["bioimageio", "test", str(rdf), "--summary", str(summary)], env=_offline_env(),
+    t = subprocess.run([sys.executable, "-m", "bioimageio.core", "test", str(rdf), "--summary", str(summary)], env=_offline_env(),
                        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     result = json.loads(summary.read_text())
     failed = [(d["name"], [e["msg"][:300] for e in d.get("errors", [])]) for d in result["details"]
