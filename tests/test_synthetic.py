@@ -322,8 +322,11 @@ def test_cli_commands(tmp_path):
     import runpy
 
     cli = runpy.run_path(os.path.join(REPO, "scripts", "make_synthetic.py"), run_name="make_synthetic")
-    man = cli["cells3d"](str(tmp_path / "c3"), n_volumes=1, shape=(8, 32, 32), seed=0, n_cells=2)
-    assert os.path.samefile(man, tmp_path / "c3" / "manifest.csv")
+    # three items: make_synthetic also writes the train/val/test split, one item each
+    man = cli["cells3d"](str(tmp_path / "c3"), n_volumes=3, shape=(8, 32, 32), seed=0, n_cells=2)
+    assert os.path.samefile(man, tmp_path / "c3")  # the data folder: manifest.csv and its split
+    for name in ("manifest", "train", "val", "test"):
+        assert (tmp_path / "c3" / f"{name}.csv").is_file()
     assert (tmp_path / "c3" / "signal_00.ome.tif").is_file()
     _, sp, _ = read_image(tmp_path / "c3" / "target_00.ome.tif")
     assert np.allclose(sp, (0.29, 0.29, 0.29))
@@ -332,5 +335,5 @@ def test_cli_commands(tmp_path):
                      ("fucci", {"n_nuclei": 4, "shape": "6,32,32"})):
         kw.setdefault("shape", (48, 48))
         key = "n_spheroids" if name == "fucci" else "n_images"
-        man = cli[name](str(tmp_path / name), **{key: 1}, **kw)
-        assert os.path.isfile(man)
+        man = cli[name](str(tmp_path / name), **{key: 3}, **kw)
+        assert os.path.isfile(os.path.join(man, "manifest.csv")) and os.path.isfile(os.path.join(man, "train.csv"))
