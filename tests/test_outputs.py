@@ -126,3 +126,18 @@ def test_inference_into_a_read_only_or_full_folder_is_named_before_any_work(tmp_
             run_bundle_inprocess("fnet_baseline", "inference.json", dict(ov, output_dir=str(full)))
         assert isinstance(named_error(e.value), OutputDirError) and "not enough free space" in str(named_error(e.value))
         assert os.listdir(full) == []
+
+
+def test_checkpoint_saves_are_byte_reproducible(tmp_path):
+    """Same tensors, same bytes (and sha256), whatever temporary name the atomic save went through."""
+    import hashlib
+
+    from common.handlers import AtomicDiskSaver
+
+    saver = AtomicDiskSaver(str(tmp_path), "model.pt")
+    digests = []
+    for _ in range(2):
+        saver({"w": torch.arange(12.0).reshape(3, 4)}, "ignored.pt")
+        digests.append(hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    assert os.listdir(tmp_path) == ["model.pt"]
