@@ -14,17 +14,15 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.bundle import ConfigParser
 from PIL import Image
 
 from common.cli import BooleanValueError
 from common.data import ManifestError
 from common.errors import CheckpointMismatchError, OutputDirError, named_error
 from common.io import ImageDimensionError, ImageReadError, NonFiniteImageError, write_ome_tiff
-from common.networks.record import write_record
 from common.synthetic import write_dataset_2d_dic, write_dataset_2d_isl, write_dataset_3d, write_fucci_dataset
 from common.transforms import NoForegroundError
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle_inprocess
+from zoo_testing import TINY, TINY_TRAIN, run_bundle_inprocess, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +41,6 @@ def _write_good(path, bundle, seed=0):
     return path
 
 
-def _tiny_network(bundle):
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLES, bundle, "configs", "inference.json"))
-    parser["bundle_root"] = os.path.join(BUNDLES, bundle)
-    parser["ckpt_path"] = "/nonexistent/model.pt"  # no record: the configured (tiny) network
-    for k, v in TINY[bundle].items():
-        parser[k] = v
-    return parser.get_parsed_content("network_def")
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Valid inputs, tiny weights (with their record) and training data for every bundle."""
@@ -62,11 +50,7 @@ def world(tmp_path_factory):
         d = root / b
         (d / "good").mkdir(parents=True)
         _write_good(str(d / "good" / "img.ome.tif"), b)
-        net = _tiny_network(b)
-        ckpt = d / "models" / "model.pt"
-        ckpt.parent.mkdir()
-        torch.save(net.state_dict(), ckpt)
-        write_record(str(ckpt), net, {"input_channels": [0]} if b == "unet3d_fucci" else {})
+        ckpt = tiny_model(b, d / "models", {"input_channels": [0]} if b == "unet3d_fucci" else {})
         w[b] = {"dir": d, "good": d / "good", "ckpt": ckpt}
     # training data (one valid record per bundle; train and val use it)
     makers = {

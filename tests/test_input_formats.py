@@ -11,13 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-import torch
-from monai.bundle import ConfigParser
 from PIL import Image
 
 from common.io import read_image, write_ome_tiff
-from common.networks.record import write_record
-from zoo_testing import BUNDLES, TINY, run_bundle_inprocess
+from zoo_testing import run_bundle_inprocess, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -106,22 +103,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("format_models")
     out = {}
     for b in ALL:
-        parser = ConfigParser()
-        parser.read_config(os.path.join(BUNDLES, b, "configs", "inference.json"))
-        parser["bundle_root"] = os.path.join(BUNDLES, b)
-        parser["ckpt_path"] = "/nonexistent/model.pt"
-        for k, v in TINY[b].items():
-            parser[k] = v
-        settings = {}
-        if b == "isl_nucleus_seg":
-            parser["in_channels"] = 1
-            settings = {"in_channels": 1}
-        net = parser.get_parsed_content("network_def")
-        ckpt = root / b / "model.pt"
-        ckpt.parent.mkdir()
-        torch.save(net.state_dict(), ckpt)
-        write_record(str(ckpt), net, settings)
-        out[b] = ckpt
+        one_channel = {"in_channels": 1} if b == "isl_nucleus_seg" else {}
+        out[b] = tiny_model(b, root / b, one_channel, **one_channel)
     return out
 
 

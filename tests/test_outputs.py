@@ -101,19 +101,9 @@ def test_stale_temporary_files_of_dead_processes_are_removed_live_ones_kept(tmp_
 
 def test_inference_into_a_read_only_or_full_folder_is_named_before_any_work(tmp_path):
     """The real fnet_baseline inference: the output folder is checked before the network runs."""
-    from monai.bundle import ConfigParser
+    from zoo_testing import TINY, run_bundle_inprocess, tiny_model
 
-    from zoo_testing import BUNDLES, TINY, run_bundle_inprocess
-
-    parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLES, "fnet_baseline", "configs", "inference.json"))
-    parser["bundle_root"] = os.path.join(BUNDLES, "fnet_baseline")
-    parser["ckpt_path"] = "/nonexistent/model.pt"
-    for k, v in TINY["fnet_baseline"].items():
-        parser[k] = v
-    net = parser.get_parsed_content("network_def")
-    ckpt = tmp_path / "model.pt"
-    torch.save(net.state_dict(), ckpt)
+    ckpt = tiny_model("fnet_baseline", tmp_path / "model")
     (tmp_path / "in").mkdir()
     write_ome_tiff(tmp_path / "in" / "big.ome.tif", np.random.default_rng(0).random((16, 128, 160)).astype(np.float32))
     ov = dict(TINY["fnet_baseline"], dataset_dir=str(tmp_path / "in"), ckpt_path=str(ckpt))

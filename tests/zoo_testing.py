@@ -65,6 +65,28 @@ def run_bundle_inprocess(bundle: str, configs, overrides: dict):
     run(config_file=cfg if len(cfg) > 1 else cfg[0], bundle_root=root, **overrides)
 
 
+def tiny_model(bundle: str, folder, settings: dict | None = None, **overrides) -> str:
+    """Random weights of the bundle's inference network with the tiny overrides (plus ``overrides``),
+    saved as ``<folder>/model.pt`` with its record (``settings``); returns the weights' path."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from common.networks.record import write_record
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLES, bundle, "configs", "inference.json"))
+    parser["bundle_root"] = os.path.join(BUNDLES, bundle)
+    parser["ckpt_path"] = "/nonexistent/model.pt"  # build the configured network, not a shipped record's
+    for k, v in dict(TINY[bundle], **overrides).items():
+        parser[k] = v
+    net = parser.get_parsed_content("network_def")
+    os.makedirs(str(folder), exist_ok=True)
+    ckpt = os.path.join(str(folder), "model.pt")
+    torch.save(net.state_dict(), ckpt)
+    write_record(ckpt, net, settings or {})
+    return ckpt
+
+
 def split_manifest(manifest: str, parts: dict) -> dict:
     """Write ``<name>.csv`` beside ``manifest`` holding consecutive rows: ``parts = {name: n_rows}``."""
     from common.data import split_manifest as split
