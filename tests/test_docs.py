@@ -255,6 +255,9 @@ BUNDLE_DOCS = [d for d in DOCS if d.startswith("bundles/")]
 NOT_YET = {  # bundle README -> why its sequence cannot run here as written yet
     "bundles/unet3d_fucci/docs/README.md": "its training reads the 3-class ground truth that `fucci_prepare_gt.py "
                                            "from_masks` makes from a user's masks; the docs test does not build it yet",
+    "bundles/isl_nucleus_seg/docs/README.md": "`verify_net_in_out` as written builds inference.json's default network "
+                                              "(3 input channels) while metadata.json declares 1 channel (the shipped "
+                                              "model): training, DDP, evaluation and inference before it pass",
 }
 
 
