@@ -156,6 +156,14 @@ class OutputFiles:
         found = {}
         for d, dirs, files in os.walk(self.output_dir):
             dirs[:] = [x for x in dirs if not x.startswith(".")]
+            for z in [x for x in dirs if x.endswith(".zarr")]:  # an OME-Zarr output is one output
+                dirs.remove(z)
+                p = os.path.join(d, z)
+                try:
+                    found[p] = max((os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(p) for f in fs),
+                                   default=os.stat(p).st_mtime_ns)
+                except OSError:
+                    continue
             for f in files:
                 if not f.startswith("."):
                     p = os.path.join(d, f)

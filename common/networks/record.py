@@ -222,15 +222,24 @@ def trained_setting(ckpt_path: str, key: str, default=None):
     return value
 
 
-def check_settings(ckpt_path: str, settings: dict) -> dict:
-    """Raise a named error when ``settings`` contradict those recorded with the weights; returns ``settings``."""
+def check_settings(ckpt_path: str, settings: dict, strict: bool = True) -> dict:
+    """Compare ``settings`` with those recorded with the weights; returns ``settings``.
+
+    Args:
+        strict: a difference is a named error; ``False`` logs a warning instead (for settings that
+            describe the user's data rather than the model, e.g. which channel of a stack holds the
+            stain the model was trained on).
+    """
     rec = read_record(ckpt_path)
     if rec is None:
         return settings
     recorded = rec.get("settings", {})
     bad = [f"{k}: given {v!r}, trained with {recorded[k]!r}" for k, v in settings.items()
            if k in recorded and _plain(v, k) != recorded[k]]
-    if bad:
+    if bad and not strict:
+        _log.warning(f"{ckpt_path}: settings differ from training ({record_path(ckpt_path)}): " + "; ".join(bad)
+                     + "; make sure they select the same stain in your images")
+    elif bad:
         raise CheckpointMismatchError(
             f"{ckpt_path}: settings differ from those the model was trained with ({record_path(ckpt_path)}): "
             + "; ".join(bad) + ". Drop those overrides (the recorded values are the defaults) or use a model "
