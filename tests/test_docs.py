@@ -183,13 +183,26 @@ def prepare(cmd: str, bundle: str, data: str) -> str:
     return cmd
 
 
+SHIPPED_MODEL_FILES = {"model.pt", "model.json", "model_stage0.pt", "model_stage0.json", ".gitkeep"}  # as .gitignore
+
+
+def _not_in_a_clone(folder, names):
+    """What a fresh clone lacks: run outputs, caches, and in models/ everything but the shipped weights."""
+    skip = {n for n in names if n in ("runs", "eval", "__pycache__", "monailabel_train.json")}
+    if os.path.basename(folder) == "models":
+        skip |= {n for n in names if n not in SHIPPED_MODEL_FILES}
+    return skip
+
+
 def fresh_checkout(tmp) -> str:
-    """A copy of the repository's layout without weights or run outputs; returns its root."""
+    """A copy of the repository's layout as a fresh clone has it (shipped weights, no run outputs); returns its root."""
     root = os.path.join(tmp, "repo")
     os.makedirs(root)
-    shutil.copytree(os.path.join(ROOT, "bundles"), os.path.join(root, "bundles"),
-                    ignore=shutil.ignore_patterns("models", "runs", "eval", "__pycache__", "monailabel_train.json"))
-    for name in ("scripts", "common", "tests", "LICENSE", "README.md", "pyproject.toml", "requirements.txt"):
+    shutil.copytree(os.path.join(ROOT, "bundles"), os.path.join(root, "bundles"), ignore=_not_in_a_clone)
+    for name in ("scripts", "common", "tests", "samples", "docs", "LICENSE", "README.md", "pyproject.toml",
+                 "requirements.txt"):
+        if not os.path.exists(os.path.join(ROOT, name)):
+            continue
         os.symlink(os.path.join(ROOT, name), os.path.join(root, name))
     if os.path.isdir(SHARED):
         os.symlink(SHARED, os.path.join(tmp, "shared"))
