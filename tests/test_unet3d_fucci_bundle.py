@@ -158,7 +158,8 @@ def test_monailabel_bundle_infer_task(trained, data, tmp_path):
     out, _, _ = trained
     root = tmp_path / B
     shutil.copytree(os.path.join(BUNDLES, B), root, ignore=shutil.ignore_patterns("*.pt", "*.ts", "eval", "runs"))
-    shutil.copy(out / "models" / "model.pt", root / "models" / "model.pt")
+    for name in ("model.pt", "model.json"):  # the trained weights with their record (not the shipped model's)
+        shutil.copy(out / "models" / name, root / "models" / name)
     cfg = json.load(open(root / "configs" / "inference.json"))
     cfg["network_def"]["features"] = TINY[B]["network_def#features"]
     cfg["patch_size"] = TINY[B]["patch_size"]
