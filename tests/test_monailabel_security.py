@@ -276,10 +276,12 @@ def test_label_without_target_must_fit_a_trained_bundle(srv, tmp_path):
 def test_inference_on_an_image_the_model_cannot_take(srv, tmp_path):
     url = srv["url"]
     log_start = os.path.getsize(srv["log"])
-    # 1 channel where isl_nucleus_seg takes 3
-    status, _, resp = _request("POST", f"{url}/infer/isl_nucleus_seg?image={CELL}&output=image", b"")
+    # 2 channels where isl_nucleus_seg (its shipped model) takes 1: uploaded, refused by name
+    two = np.random.default_rng(0).random((2, 75, 90)).astype(np.float32)
+    body, headers = _multipart("file", "two.ome.tif", _write(tmp_path / "two.ome.tif", two, "CYX"))
+    status, _, resp = _request("POST", f"{url}/infer/isl_nucleus_seg?output=image", body, headers)
     detail = json.loads(resp)["detail"]
-    assert status == 422 and "1 channel(s)" in detail and "3 channel(s)" in detail and "2D" in detail, detail
+    assert status == 422 and "2 channel(s)" in detail and "1 channel(s)" in detail and "2D" in detail, detail
     # a 2D image for the 3D fnet_baseline
     status, _, resp = _request("POST", f"{url}/infer/fnet_baseline?image={CELL}&output=image", b"")
     detail = json.loads(resp)["detail"]
