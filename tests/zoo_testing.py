@@ -49,6 +49,11 @@ def run_bundle(bundle: str, configs, overrides: dict, cmd=("run",), torchrun: in
         args += ["--logging_file", os.path.join(root, "configs", "logging.conf")]
     args += cli_overrides(dict({"bundle_root": root}, **overrides))
     p = subprocess.run(args, cwd=cwd or root, env=env(), capture_output=True, text=True, timeout=timeout)
+    if torchrun and p.returncode != 0 and "SIGABRT" in p.stdout + p.stderr:
+        # a gloo rank aborting (seen in 2 of ~10 CI runs, both DDP tests, not yet explained; see the closing
+        # note): run once more, so that the flake shows in the log but does not hide real failures
+        print(f"torchrun rank aborted (SIGABRT); retrying once:\n{(p.stdout + p.stderr)[-2000:]}")
+        p = subprocess.run(args, cwd=cwd or root, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     p.output = p.stdout + p.stderr
