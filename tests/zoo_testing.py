@@ -2,11 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLES = os.path.join(ROOT, "bundles")
+from experiments import runner
+from experiments.runner import BUNDLES, ROOT, cli_overrides  # noqa: F401 (re-exported for the tests)
+
 SCHEMA = os.path.join(os.path.dirname(ROOT), "shared", "schemas", "meta_schema_20240725.json")
 
 # The smallest networks and budgets that still exercise every code path, one file per bundle:
@@ -22,52 +21,26 @@ for _f in sorted(os.listdir(_TINY_DIR)):
 
 
 def env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    e.setdefault("OMP_NUM_THREADS", "2")
-    return e
-
-
-def cli_overrides(overrides: dict) -> list:
-    args = []
-    for k, v in overrides.items():
-        args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    return args
+    """The environment of a zoo subprocess (this checkout importable; OMP_NUM_THREADS defaults to 2)."""
+    return runner.subprocess_env()
 
 
 def run_bundle(bundle: str, configs, overrides: dict, cmd=("run",), torchrun: int = 0, timeout: int = 600,
                check: bool = True, cwd=None):
-    """Run ``python -m monai.bundle <cmd>`` for a bundle; returns the CompletedProcess (stdout+stderr)."""
-    root = os.path.join(BUNDLES, bundle)
-    cfg = [os.path.join(root, "configs", c) for c in ([configs] if isinstance(configs, str) else configs)]
-    cfg_arg = cfg[0] if len(cfg) == 1 else json.dumps(cfg)
-    launcher = [sys.executable, "-m"]
-    if torchrun:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m"]
-    args = launcher + ["monai.bundle", *cmd, "--config_file", cfg_arg]
-    if cmd[0] == "run":
-        args += ["--logging_file", os.path.join(root, "configs", "logging.conf")]
-    args += cli_overrides(dict({"bundle_root": root}, **overrides))
-    p = subprocess.run(args, cwd=cwd or root, env=env(), capture_output=True, text=True, timeout=timeout)
-    if torchrun and p.returncode != 0 and "SIGABRT" in p.stdout + p.stderr:
-        # a gloo rank aborting (seen in 2 of ~10 CI runs, both DDP tests, not yet explained; see the closing
-        # note): run once more, so that the flake shows in the log but does not hide real failures
-        print(f"torchrun rank aborted (SIGABRT); retrying once:\n{(p.stdout + p.stderr)[-2000:]}")
-        p = subprocess.run(args, cwd=cwd or root, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
-    p.output = p.stdout + p.stderr
-    return p
+    """Run ``python -m monai.bundle <cmd>`` for a bundle (:func:`experiments.runner.run_subprocess`; a
+    torchrun rank aborting with SIGABRT is retried once); returns the CompletedProcess (``output`` =
+    stdout+stderr); a failure with ``check`` is an AssertionError holding the command and the log's tail."""
+    try:
+        return runner.run_subprocess(bundle, configs, overrides, cmd=cmd, torchrun=torchrun, timeout=timeout,
+                                     check=check, cwd=cwd)
+    except runner.BundleRunError as e:
+        raise AssertionError(str(e)) from None
 
 
 def run_bundle_inprocess(bundle: str, configs, overrides: dict):
     """Run a bundle config with MONAI's bundle runner in this process (no interpreter start-up: for the
     many short runs of the bad-input catalogue). Exceptions propagate as they would reach the CLI."""
-    from monai.bundle import run
-
-    root = os.path.join(BUNDLES, bundle)
-    cfg = [os.path.join(root, "configs", c) for c in ([configs] if isinstance(configs, str) else configs)]
-    run(config_file=cfg if len(cfg) > 1 else cfg[0], bundle_root=root, **overrides)
+    runner.run_inprocess(bundle, configs, overrides)
 
 
 def tiny_model(bundle: str, folder, settings: dict | None = None, **overrides) -> str:
@@ -107,10 +80,7 @@ def train_until_checkpoint(bundle: str, overrides: dict, ckpt_dir: str, min_epoc
 
     from common.handlers import latest_checkpoint, latest_loadable_checkpoint
 
-    root = os.path.join(BUNDLES, bundle)
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json"),
-            *cli_overrides(dict({"bundle_root": root}, **overrides))]
-    proc = subprocess.Popen(args, cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = runner.popen(bundle, "train.json", overrides)
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and proc.poll() is None:
