@@ -194,53 +194,6 @@ class SpotlightLoss(nn.Module):
         return self.lambda_mse * mmse + (1.0 - self.lambda_mse) * dice
 
 
-# ----------------------------------------------------------------------------- soft Jaccard (isl_nucleus_seg, isl_cell_instance)
-
-__all__ += ["SoftJaccardLoss"]
-
-
-class SoftJaccardLoss(nn.Module):
-    """Soft Jaccard (IoU) loss ``1 - (sum(p t) + s) / (sum(p) + sum(t) - sum(p t) + s)`` (Bonte et al.).
-
-    ``p`` are probabilities in ``[0, 1]`` (e.g. after
-    :class:`common.networks.densenet_unet.ShiftedSigmoid`), ``t`` binary or soft targets, both
-    ``(B, C, *S)``. The sums run over ``C`` and the spatial axes of each sample (``batch=False``;
-    then the mean or sum over samples per ``reduction``) or over the whole batch (``batch=True``).
-    The smoothing ``s`` keeps empty masks finite: an empty target with an all-zero prediction
-    gives 0, an empty target with any prediction ``1 - s / (sum(p) + s)``.
-
-    Args:
-        smooth: ``s`` (> 0).
-        batch: pool the sums over the batch (one Jaccard per batch).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per sample ``(B,)``; ``()`` with ``batch``).
-    """
-
-    def __init__(self, smooth: float = 1.0, batch: bool = False, reduction: str = "mean"):
-        super().__init__()
-        if not smooth > 0:
-            raise ValueError(f"SoftJaccardLoss needs smooth > 0, got {smooth}")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.smooth = float(smooth)
-        self.batch = bool(batch)
-        self.reduction = reduction
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if input.shape != target.shape:
-            raise ValueError(f"SoftJaccardLoss: prediction {tuple(input.shape)} and target "
-                             f"{tuple(target.shape)} differ in shape")
-        target = target.to(input.dtype)
-        dims = tuple(range(input.dim())) if self.batch else tuple(range(1, input.dim()))
-        inter = (input * target).sum(dims)
-        union = input.sum(dims) + target.sum(dims) - inter
-        loss = 1.0 - (inter + self.smooth) / (union + self.smooth)
-        if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
-
-
 # ----------------------------------------------------------------------------- class-imbalance
 # losses for semantic segmentation (unet3d_fucci: background 0 / edge 1 / nucleus 2)
 #
@@ -370,49 +323,3 @@ def make_class_loss(name: str = "weighted_ce", weight: Sequence[float] | None = 
     raise ValueError(f"unknown loss {name!r}: use 'weighted_ce', 'focal' or 'soft_iou'")
 
 
-# ----------------------------------------------------------------------------------------------
-# Distance map + mask (Bonte et al., isl_cell_instance)
-# ----------------------------------------------------------------------------------------------
-__all__ += ["DistanceMaskLoss"]
-
-
-class DistanceMaskLoss(nn.Module):
-    """``MSE(distance) + alpha * BCEWithLogits(mask)`` for a 2-channel prediction (Bonte et al.).
-
-    Layout: ``pred`` is ``(B, 2, ...)`` = ``[distance, mask logit]`` (raw network output), ``label``
-    ``(B, 2, ...)`` = ``[normalised distance, binary mask]`` as built by
-    :class:`common.transforms.DistanceMaskTargetd`. Both terms are means over all pixels of the
-    batch, so the loss is finite for empty masks (an all-background patch is a valid target: zero
-    distance, mask 0).
-
-    Args:
-        alpha: weight of the mask term (paper 2000).
-        pos_weight: optional weight of foreground pixels in the BCE (``BCEWithLogitsLoss``'s).
-        distance_channel, mask_channel: channel indices in both tensors.
-    """
-
-    def __init__(self, alpha: float = 2000.0, pos_weight: float | None = None, distance_channel: int = 0,
-                 mask_channel: int = 1):
-        super().__init__()
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
-        self.distance_channel = int(distance_channel)
-        self.mask_channel = int(mask_channel)
-        self.pos_weight = None if pos_weight is None else float(pos_weight)
-
-    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        _spatial(pred)
-        if pred.shape != label.shape:
-            raise ValueError(f"pred {tuple(pred.shape)} and label {tuple(label.shape)} must have the same shape "
-                             "([distance, mask] channels each)")
-        c = max(self.distance_channel, self.mask_channel)
-        if pred.shape[1] <= c:
-            raise ValueError(f"pred has {pred.shape[1]} channels; needs channels {self.distance_channel} (distance) "
-                             f"and {self.mask_channel} (mask)")
-        label = label.to(pred.dtype)
-        dc, mc = self.distance_channel, self.mask_channel
-        mse = torch.mean((pred[:, dc] - label[:, dc]) ** 2)
-        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, dtype=pred.dtype, device=pred.device)
-        bce = nn.functional.binary_cross_entropy_with_logits(pred[:, mc], label[:, mc], pos_weight=pw)
-        return mse + self.alpha * bce

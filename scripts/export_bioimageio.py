@@ -71,7 +71,7 @@ SPEC = {
         "not_expressed": [
             "Instances: the bundle turns the distance map and the mask into cell instances with an "
             "h-maxima watershed (h = {h}, mask threshold {mask_threshold}, min size {min_size} px); the "
-            "package outputs the two maps (`common.transforms.DistanceMaskToInstances` does the rest).",
+            "package outputs the two maps (`common.isl.DistanceMaskToInstances` does the rest).",
         ],
     },
     "unet3d_fucci": {

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from monai.losses import DiceLoss
 
 from common.isl import initialise_isl_network, load_isl_manifest
-from common.losses import SoftJaccardLoss
 from common.networks.densenet_unet import (DenseNetEncoder, DenseNetUNet, ISLNet, ShiftedSigmoid,
                                            build_stage1_network, densenet_feature_channels, load_stage0_weights)
 
@@ -140,43 +140,47 @@ def test_shifted_sigmoid_values_by_hand():
 # ----------------------------------------------------------------------------- soft Jaccard
 
 
+def _jaccard(s: float = 1.0, **kw) -> DiceLoss:
+    """The bundle's stage-1 loss: MONAI's Jaccard with smoothing ``2 s`` on both sides, ``1 - (I + s) / (U + s)``."""
+    return DiceLoss(jaccard=True, smooth_nr=2.0 * s, smooth_dr=2.0 * s, **kw)
+
+
 def test_soft_jaccard_by_hand():
     p = torch.tensor([[[[0.5, 1.0], [0.0, 0.25]]]])
     t = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
     # intersection 1.5, sum p 1.75, sum t 2 -> union 2.25; smooth 1: 1 - 2.5 / 3.25
-    assert float(SoftJaccardLoss(smooth=1.0)(p, t)) == pytest.approx(1 - 2.5 / 3.25)
-    assert float(SoftJaccardLoss(smooth=1e-8)(p, t)) == pytest.approx(1 - 1.5 / 2.25, abs=1e-6)
+    assert float(_jaccard(1.0)(p, t)) == pytest.approx(1 - 2.5 / 3.25)
+    assert float(_jaccard(1e-8)(p, t)) == pytest.approx(1 - 1.5 / 2.25, abs=1e-6)
     # perfect prediction -> 0; complete miss -> 1 - s / (union + s)
-    assert float(SoftJaccardLoss()(t, t)) == pytest.approx(0.0)
-    assert float(SoftJaccardLoss(smooth=1.0)(1 - t, t)) == pytest.approx(1 - 1 / 5)
+    assert float(_jaccard()(t, t)) == pytest.approx(0.0)
+    assert float(_jaccard(1.0)(1 - t, t)) == pytest.approx(1 - 1 / 5)
 
 
 def test_soft_jaccard_empty_masks_and_reductions():
     z = torch.zeros(1, 1, 4, 4)
-    assert float(SoftJaccardLoss()(z, z)) == 0.0  # empty target, empty prediction
+    assert float(_jaccard()(z, z)) == 0.0  # empty target, empty prediction
     p = torch.full((1, 1, 4, 4), 0.25)  # sum 4
-    assert float(SoftJaccardLoss(smooth=1.0)(p, z)) == pytest.approx(1 - 1 / 5)
+    assert float(_jaccard(1.0)(p, z)) == pytest.approx(1 - 1 / 5)
     # per sample vs whole batch
     p2 = torch.cat([torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)])
     t2 = torch.cat([torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2)])
-    per = SoftJaccardLoss(smooth=1.0, reduction="none")(p2, t2)
-    torch.testing.assert_close(per, torch.tensor([0.0, 1 - 1 / 5]))
-    assert float(SoftJaccardLoss(smooth=1.0)(p2, t2)) == pytest.approx(0.4)
-    assert float(SoftJaccardLoss(smooth=1.0, batch=True)(p2, t2)) == pytest.approx(1 - 5 / 9)
-    with pytest.raises(ValueError, match="differ in shape"):
-        SoftJaccardLoss()(p2, t2[:, :, :1])
+    per = _jaccard(1.0, reduction="none")(p2, t2)
+    torch.testing.assert_close(per.flatten(), torch.tensor([0.0, 1 - 1 / 5]))
+    assert float(_jaccard(1.0)(p2, t2)) == pytest.approx(0.4)
+    assert float(_jaccard(1.0, batch=True)(p2, t2)) == pytest.approx(1 - 5 / 9)
+    with pytest.raises(AssertionError, match="different shape"):
+        _jaccard()(p2, t2[:, :, :1])
 
 
-def test_soft_jaccard_matches_monai_jaccard_and_has_finite_gradient():
-    from monai.losses import DiceLoss
-
+def test_soft_jaccard_matches_the_formula_and_has_finite_gradient():
     g = torch.Generator().manual_seed(0)
     p = torch.rand(3, 1, 8, 8, generator=g, requires_grad=True)
     t = (torch.rand(3, 1, 8, 8, generator=g) > 0.6).float()
-    ours = SoftJaccardLoss(smooth=1e-6)(p, t)
-    ref = DiceLoss(jaccard=True, smooth_nr=0.0, smooth_dr=1e-6)(p, t)  # MONAI: 1 - 2I / (2U)
-    assert float(ours) == pytest.approx(float(ref), abs=1e-5)
-    ours.backward()
+    loss = _jaccard(1.0)(p, t)
+    inter = (p * t).sum((1, 2, 3))
+    union = p.sum((1, 2, 3)) + t.sum((1, 2, 3)) - inter
+    assert float(loss) == pytest.approx(float((1 - (inter + 1) / (union + 1)).mean()), abs=1e-6)  # by the formula
+    loss.backward()
     assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 

@@ -9,11 +9,11 @@ from monai.data import MetaTensor
 from skimage.measure import label as sk_label
 from skimage.segmentation import relabel_sequential
 
-from common.losses import DistanceMaskLoss
 from common.metrics import InstanceAP, InstanceMatchingMetric, aggregated_jaccard_index, matching
+from common.isl import (DistanceMaskLoss, DistanceMaskTarget, DistanceMaskTargetd, DistanceMaskToInstances,
+                        DistanceMaskToInstancesd, instance_distance_map)
 from common.networks.cell_instance import DistanceMaskHead
-from common.transforms import (DistanceMaskTarget, DistanceMaskTargetd, DistanceMaskToInstances,
-                               DistanceMaskToInstancesd, LabelFormatError, as_instance_labels, instance_distance_map)
+from common.transforms import LabelFormatError, as_instance_labels
 
 
 def _brute_force_distance(lab):

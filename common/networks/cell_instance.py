@@ -9,8 +9,8 @@ Final activation. The paper's extra blocks end in a ReLU, which also clamps the 
 ``>= 0``: ``sigmoid >= 0.5`` everywhere, so a background pixel can at best reach probability 0.5
 (BCE ``log 2``), its gradient vanishes once its logit hits 0, and the usual threshold 0.5 turns into
 a test for exact zeros. The default here is therefore no final activation (raw distance and raw
-mask logits, trained with :class:`common.losses.DistanceMaskLoss`); negative distances are clipped
-to 0 in post-processing (:class:`common.transforms.DistanceMaskToInstances`).
+mask logits, trained with :class:`common.isl.DistanceMaskLoss`); negative distances are clipped
+to 0 in post-processing (:class:`common.isl.DistanceMaskToInstances`).
 ``final_activation="relu"`` reproduces the paper's head.
 """
 
