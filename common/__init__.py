@@ -10,8 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("cli", "data", "errors", "evaluation", "fastpath", "fucci", "handlers", "io", "isl", "losses", "metrics",
-               "networks", "outputs", "progress", "report", "segmentation", "synthetic", "transforms")
+_SUBMODULES = ("cli", "data", "errors", "fastpath", "fucci", "handlers", "io", "isl", "losses", "metrics",
+               "networks", "outputs", "progress", "report", "segmentation", "spotlight", "synthetic", "transforms")
 
 
 def __getattr__(name):

@@ -482,7 +482,7 @@ def fourier_ring_correlation(a, b, spacing=1.0, n_bins=None, window="hann"):
         and after apodisation its spectrum is the window's, so any curve would be an
         artefact. A constant *prediction* has resolved nothing; callers that compare
         models report that as an infinitely coarse resolution (see
-        :func:`common.evaluation.pixel_metrics`).
+        :func:`common.spotlight.evaluation.pixel_metrics`).
     ValueError
         Shape mismatch, ndim not 2 or 3.
     """
@@ -1332,7 +1332,7 @@ def _batch_foreground_pearson(y_pred: torch.Tensor, y: torch.Tensor, threshold: 
 class ForegroundPearsonMetric(PearsonMetric):
     """Per-sample Pearson r restricted to the target's foreground ``y >= threshold``.
 
-    With Otsu-standardised targets (:class:`common.transforms.OtsuStandardize`) the default
+    With Otsu-standardised targets (:class:`common.spotlight.OtsuStandardize`) the default
     ``threshold=0.0`` is the target's Otsu foreground, where Spotlight's loss supervises
     intensities. Same value as ``pearson_r(pred, target, mask=target >= threshold)``; a sample
     with fewer than 2 foreground voxels or a constant prediction there gives 0.

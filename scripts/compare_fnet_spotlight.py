@@ -11,7 +11,7 @@ Steps:
    (network width, patch size, batch size, iterations, learning rate, seed); validation runs once,
    at the end, so ``models/model.pt`` is the final network of both;
 3. each bundle's ``configs/inference.json`` on the held-out signals;
-4. ``common.evaluation.evaluate_dataset`` (the Spotlight protocol, as ``scripts/evaluate.py``):
+4. ``common.spotlight.report.evaluate_dataset`` (the Spotlight protocol, as ``scripts/evaluate.py``):
    ``<out_dir>/report/report.md`` with tables and figures, ``metrics.json``.
 """
 
@@ -71,7 +71,7 @@ def main(out_dir: str = "compare_output", n_train: int = 4, n_val: int = 1, n_te
     import torch
     from monai.bundle import run
 
-    from common.evaluation import evaluate_dataset
+    from common.spotlight.report import evaluate_dataset
     from common.synthetic import write_dataset_3d
 
     torch.set_num_threads(int(threads))

@@ -9,7 +9,7 @@
 each prediction folder holds ``<signal stem>_pred.ome.tif`` per volume, as the bundles'
 ``configs/inference.json`` writes them. ``--predictions`` also accepts ``name=folder,name=folder``.
 
-Metrics (see ``common/evaluation.py``): PSNR, 3D SSIM, MicroMS3IM, FSC resolution and Pearson r
+Metrics (see ``common/spotlight/evaluation.py``): PSNR, 3D SSIM, MicroMS3IM, FSC resolution and Pearson r
 on the whole image and on the target's Otsu foreground (predictions rescaled onto the training
 target range), background variability; Otsu + watershed segmentation tuned on the training
 targets (or Cellpose with ``--backend cellpose --cellpose_model PATH``) and instance AP at IoU
@@ -85,7 +85,7 @@ def main(manifest: str, predictions, out_dir: str = "report", train_manifest: st
     """
     import torch
 
-    from common.evaluation import evaluate_dataset
+    from common.spotlight.report import evaluate_dataset
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -109,7 +109,7 @@ def cli(argv=None) -> None:
     (:func:`common.cli.strict_fire`); a named error ends as one ``evaluate: error:`` line, exit 1."""
     from common.cli import strict_fire
     from common.data import ManifestError
-    from common.evaluation import EvaluationInputError
+    from common.spotlight.evaluation import EvaluationInputError
     from common.io import ImageReadError
     from common.metrics import DegenerateInputError
 

@@ -51,7 +51,7 @@ SPEC = {
         "not_expressed": [
             "Otsu standardisation (Spotlight): the bundle standardises the input with the mean and "
             "standard deviation of its Otsu foreground; the spec has no such step, so the package "
-            "input is the standardised image (`common.transforms.OtsuStandardize`).",
+            "input is the standardised image (`common.spotlight.OtsuStandardize`).",
             "Resampling to the training voxel size ({spacing} um, ZYX), as in fnet_baseline.",
             "Any-size input: padding to a multiple of 16 and sliding windows of {patch}.",
         ],

@@ -21,7 +21,7 @@ from common.data import ManifestError
 from common.errors import CheckpointMismatchError, OutputDirError, named_error
 from common.io import ImageDimensionError, ImageReadError, NonFiniteImageError, write_ome_tiff
 from common.synthetic import write_dataset_2d_dic, write_dataset_2d_isl, write_dataset_3d, write_fucci_dataset
-from common.transforms import NoForegroundError
+from common.spotlight import NoForegroundError
 from zoo_testing import TINY, TINY_TRAIN, run_bundle_inprocess, tiny_model
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The Spotlight evaluation protocol (common.evaluation, scripts/evaluate.py) on tiny synthetic data."""
+"""The Spotlight evaluation protocol (common.spotlight.evaluation / report, scripts/evaluate.py) on tiny synthetic data."""
 
 import csv
 import json
@@ -11,7 +11,7 @@ import pytest
 from skimage.filters import threshold_otsu
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from common.evaluation import (
+from common.spotlight.evaluation import (
     foreground_of,
     pixel_metrics,
     remove_border_objects,
@@ -160,7 +160,7 @@ def test_evaluate_script_end_to_end(tmp_path):
 def test_evaluate_names_a_missing_prediction(tmp_path):
     data, rows = _tiny_dataset(tmp_path)
     (tmp_path / "empty").mkdir()
-    from common.evaluation import evaluate_dataset
+    from common.spotlight.report import evaluate_dataset
 
     with pytest.raises(FileNotFoundError, match="signal_01_pred.ome.tif"):
         evaluate_dataset(str(data / "test.csv"), {"m": str(tmp_path / "empty")}, str(tmp_path / "r"), tune=False,
@@ -171,7 +171,7 @@ def test_segment_cellpose_backend_wiring(monkeypatch):
     """The Cellpose backend gets the user's weights, runs in 3D with the voxel anisotropy, and its
     objects touching the lateral border are removed like the watershed's (cellpose itself is
     exercised in tests/test_segmentation.py)."""
-    import common.evaluation as E
+    import common.spotlight.evaluation as E
 
     seen = {}
 
@@ -261,7 +261,7 @@ def test_evaluate_needs_a_voxel_size_from_the_file_or_the_option(tmp_path):
                       *common, "--voxel_size", "0.29,0.29,0.29", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     runs = {"plain": json.load(open(tmp_path / "plain" / "metrics.json"))}
-    from common.evaluation import evaluate_dataset
+    from common.spotlight.report import evaluate_dataset
 
     kw = dict(target_range=(0, 1000), tune=False, microssim=False, sweep_levels=())
     runs["ome"] = evaluate_dataset(str(data / "test.csv"), {"m": str(tmp_path / "pred")}, str(tmp_path / "ome"), **kw)
@@ -279,7 +279,8 @@ def test_evaluate_needs_a_voxel_size_from_the_file_or_the_option(tmp_path):
 
 
 def test_voxel_sizes_from_imagej_and_ome_files_and_bad_options(tmp_path):
-    from common.evaluation import EvaluationInputError, voxel_sizes
+    from common.spotlight.evaluation import EvaluationInputError
+    from common.spotlight.report import voxel_sizes
 
     data, rows = _tiny_dataset(tmp_path)
     (tmp_path / "p").mkdir()

@@ -10,17 +10,9 @@ import torch
 from monai.data import MetaTensor
 from skimage.filters import threshold_otsu
 
-from common.losses import SpotlightLoss, masked_mse, soft_dice_loss, soft_threshold
 from common.metrics import ForegroundPearsonMetric, pearson_r
-from common.transforms import (
-    ForegroundMask,
-    ForegroundMaskd,
-    OtsuStandardize,
-    OtsuStandardized,
-    RandForegroundPatchd,
-    _window_counts,
-    otsu_threshold,
-)
+from common.spotlight import OtsuStandardize, OtsuStandardized, SpotlightLoss, masked_mse, soft_dice_loss, soft_threshold
+from common.transforms import ForegroundMask, ForegroundMaskd, RandForegroundPatchd, _window_counts, otsu_threshold
 
 
 def t(x):
@@ -337,7 +329,7 @@ def _expected(variant, x):
 @pytest.mark.parametrize("variant", ["min", "both", "none", "rescaled"])
 @pytest.mark.parametrize("x", POINTS)
 def test_soft_threshold_variants_value_and_gradient_by_hand(variant, x):
-    from common.losses import soft_threshold
+    from common.spotlight import soft_threshold
 
     t = torch.tensor([x], dtype=torch.float64, requires_grad=True)
     y = soft_threshold(t, K, variant)
@@ -350,7 +342,7 @@ def test_soft_threshold_variants_value_and_gradient_by_hand(variant, x):
 def test_rescaled_variant_pulls_background_down_between_minus_one_and_zero():
     """Only the rescaled variant gives the Dice term a gradient on a background voxel predicted at -0.5
     (pushing it further down); min-clamp and [0, 1] clamp give none there."""
-    from common.losses import SpotlightLoss
+    from common.spotlight import SpotlightLoss
 
     pred = torch.tensor([1.0, 1.0, -0.5, -0.5]).reshape(1, 1, 2, 2).requires_grad_(True)
     target = torch.tensor([1.0, 1.0, -1.0, -1.0]).reshape(1, 1, 2, 2)

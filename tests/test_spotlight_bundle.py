@@ -9,9 +9,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from common.io import read_image, write_ome_tiff
-from common.losses import SpotlightLoss
+from common.spotlight import OtsuStandardize, SpotlightLoss
 from common.synthetic import write_dataset_3d
-from common.transforms import OtsuStandardize
 from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, split_manifest, train_until_checkpoint
 
 B = "spotlight_dna"
