@@ -40,15 +40,10 @@ import logging
 import os
 import sys
 
+# `lib` is this app's package: MONAI Label puts the app folder on sys.path while it loads main.py (and on
+# PYTHONPATH for its workers); `common` comes from the installed project (`pip install -e .`, scripts/setup.sh)
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(APP_DIR)
-if APP_DIR not in sys.path:
-    sys.path.insert(0, APP_DIR)
-try:  # the zoo's shared package: installed (pip install -e .) or this checkout
-    import common  # noqa: F401
-except ImportError:
-    if os.path.isfile(os.path.join(REPO_ROOT, "common", "__init__.py")):
-        sys.path.insert(0, REPO_ROOT)
 
 from lib.safety import (  # noqa: E402
     RequestRejected,

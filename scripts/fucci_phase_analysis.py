@@ -29,12 +29,6 @@ nuclei per phase, per spheroid), ``phase_distribution.png`` (stacked bars) and `
 from __future__ import annotations
 
 import os
-import sys
-
-try:
-    import common.fucci  # noqa: F401  (installed with `pip install -e .`)
-except ImportError:  # running from a checkout that is not installed: use the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 

@@ -39,10 +39,6 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import common  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
 
 PATH_COLUMNS = ("path_czi", "path_tiff", "path", "SourceReadPath")
 SIGNAL_COLUMNS = ("channel_signal", "ChannelNumberBrightfield")

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
 
 DEFAULT_SOURCE = os.path.join(os.path.dirname(ROOT), "shared", "data", "bbbc030_dic_cells")
 

@@ -26,15 +26,12 @@ from __future__ import annotations
 import csv
 import glob
 import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+from common.io import read_image, write_ome_tiff
 
-from common.io import read_image, write_ome_tiff  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 

@@ -47,13 +47,9 @@ import glob
 import json
 import os
 import shutil
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, "scripts")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 BUNDLES = ("fnet_baseline", "spotlight_dna", "isl_nucleus_seg", "isl_cell_instance", "unet3d_fucci")
 
@@ -114,7 +110,7 @@ def _log(msg: str) -> None:
 
 
 def _sha256(path: str) -> str:
-    from package_bundles import sha256_file
+    from scripts.package_bundles import sha256_file
 
     return sha256_file(path)
 
@@ -232,8 +228,8 @@ def train_fnet_spotlight(out_dir: str, preset: dict) -> None:
     """fnet_baseline and spotlight_dna, same data and budget (``compare_fnet_spotlight``)."""
     import importlib.util
 
-    from compare_fnet_spotlight import BUNDLES as NAMES
-    from compare_fnet_spotlight import main as compare
+    from experiments.compare_fnet_spotlight import BUNDLES as NAMES
+    from experiments.compare_fnet_spotlight import main as compare
 
     p = preset["fnet"]
     work = os.path.join(out_dir, "work", "fnet_spotlight")
@@ -260,7 +256,7 @@ def train_fnet_spotlight(out_dir: str, preset: dict) -> None:
                   "budget": f"{p['iterations']} iterations of batch {p['batch_size']}, patches {list(p['patch_size'])}, "
                             f"Adam lr {p['lr']}, mult_chan {p['mult_chan']}; both bundles trained in {seconds:.0f} s "
                             f"wall in all",
-                  "command": "python scripts/compare_fnet_spotlight.py (via scripts/train_pretrained.py)",
+                  "command": "python -m experiments.compare_fnet_spotlight (via scripts/train_pretrained.py)",
                   "train_seconds_both_bundles": round(seconds, 1)}
         stage_release(out_dir, bundle, {"model.pt": os.path.join(work, bundle, "models", "model.pt")},
                       overrides, metrics, record)
@@ -268,8 +264,7 @@ def train_fnet_spotlight(out_dir: str, preset: dict) -> None:
 
 def train_isl_nucleus(out_dir: str, preset: dict, data_dir: str | None = None, stage0_ckpt: str | None = None) -> None:
     """isl_nucleus_seg: ISL stage 0 (brightfield -> nuclear stain) then stage 1 on every pool tile."""
-    import isl_fewshot
-    import prepare_isl_data
+    from scripts import isl_fewshot, prepare_isl_data
 
     p = preset["isl_nucleus"]
     work = os.path.join(out_dir, "work", "isl_nucleus_seg")
@@ -344,7 +339,7 @@ def train_isl_cell(out_dir: str, preset: dict) -> None:
         iters, stage0 = res["setup"]["iterations"], f"stage 0 {res['setup']['pretrain_iterations']} + "
         run_dir = os.path.join(work, "runs", f"isl_n{n}")
     else:
-        from prepare_bbbc030 import prepare
+        from scripts.prepare_bbbc030 import prepare
 
         data = prepare(os.path.join(work, "bbbc030"), downsample=2, subsets=[n], seed=0)
         per_epoch = max(p["iterations"] // 3, 1)
@@ -385,7 +380,7 @@ def train_isl_cell(out_dir: str, preset: dict) -> None:
 
 def train_fucci(out_dir: str, preset: dict) -> None:
     """unet3d_fucci on the real cells3d nuclei (left half), tested on the right half."""
-    import fucci_cells3d_experiment
+    from scripts import fucci_cells3d_experiment
 
     p = preset["fucci"]
     work = os.path.join(out_dir, "work", "unet3d_fucci")
@@ -469,7 +464,7 @@ def train(bundles: str = "all", preset: str = "gpu", out_dir: str = "pretrained"
 
 def package(out_dir: str = "pretrained", base_url: str | None = None, torchscript: bool = True):
     """Package every staged release copy; writes ``<out_dir>/dist`` and ``<out_dir>/summary.json``."""
-    import package_bundles
+    from scripts import package_bundles
 
     out_dir = os.path.abspath(out_dir)
     release = os.path.join(out_dir, "release")

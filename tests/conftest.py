@@ -1,12 +1,10 @@
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# the repository root is on sys.path through pytest's `pythonpath` setting (pyproject.toml)
 
 
 @pytest.fixture(scope="session")

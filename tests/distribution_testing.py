@@ -3,7 +3,6 @@ tiny copies of them with random weights, sample inputs made from their metadata,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,14 +19,6 @@ from zoo_testing import BUNDLES, ROOT, TINY, TINY_TRAIN
 
 ALL = sorted(b for b in os.listdir(BUNDLES) if os.path.isfile(os.path.join(BUNDLES, b, "configs", "metadata.json")))
 INFERENCE_KEYS = ("network_def", "preprocessing", "inferer", "postprocessing", "dataset_dir", "output_dir")
-
-
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` (the top-level scripts are files, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def metadata(bundle: str, root: str = BUNDLES) -> dict:

@@ -92,7 +92,7 @@ RULES = [
     (r"^pip install", "external", "installs an optional package from PyPI"),
     (r"^python scripts/prepare_allen\.py|allen_dna", "external", "the Allen Institute dataset (a download)"),
     (r"^python scripts/benchmark\.py|^python scripts/benchmark_isl_cell\.py|^python scripts/isl_fewshot\.py|"
-     r"^python scripts/compare_fnet_spotlight\.py|^python scripts/fucci_\w+_experiment\.py", "external",
+     r"^python -m experiments\.|^python scripts/fucci_\w+_experiment\.py", "external",
      "an experiment of the bundle README (minutes to an hour of CPU); its code paths have their own tests"),
     (r"^python scripts/fucci_prepare_gt\.py from_cellpose", "external", "needs a user's Cellpose model (no download)"),
     (r"^python scripts/fucci_prepare_gt\.py|^python scripts/fucci_phase_analysis\.py", "covered", "tests/test_fucci.py"),
@@ -133,6 +133,9 @@ def test_documented_files_exist():
         for path in re.findall(r"(?:bundles/\w+/configs/\w+\.json|scripts/\w+\.(?:py|sh))", expanded):
             if not os.path.isfile(os.path.join(ROOT, path)):
                 missing.append(f"{doc}: {path} ({cmd[:80]}...)")
+        for package, module in re.findall(r"python -m (experiments|scripts)\.(\w+)", expanded):
+            if not os.path.isfile(os.path.join(ROOT, package, f"{module}.py")):
+                missing.append(f"{doc}: {package}.{module} ({cmd[:80]}...)")
     assert not missing, "\n".join(missing)
 
 
@@ -199,8 +202,8 @@ def fresh_checkout(tmp) -> str:
     root = os.path.join(tmp, "repo")
     os.makedirs(root)
     shutil.copytree(os.path.join(ROOT, "bundles"), os.path.join(root, "bundles"), ignore=_not_in_a_clone)
-    for name in ("scripts", "common", "tests", "samples", "docs", "LICENSE", "README.md", "pyproject.toml",
-                 "requirements.txt"):
+    for name in ("scripts", "experiments", "common", "tests", "samples", "docs", "LICENSE", "README.md",
+                 "pyproject.toml", "requirements.txt"):
         if not os.path.exists(os.path.join(ROOT, name)):
             continue
         os.symlink(os.path.join(ROOT, name), os.path.join(root, name))

@@ -1,7 +1,6 @@
 """unet3d_fucci building blocks: ground truth, losses, preprocessing, network, instances, evaluation
 score, FUCCI phase rules. Values by hand or against an independent implementation."""
 
-import importlib.util
 import math
 import os
 
@@ -511,10 +510,9 @@ def test_load_fucci_manifest_names_bad_labels_and_channels(tmp_path):
 
 
 def _prepare_gt_module():
-    spec = importlib.util.spec_from_file_location("fucci_prepare_gt", os.path.join(ROOT, "scripts", "fucci_prepare_gt.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from scripts import fucci_prepare_gt
+
+    return fucci_prepare_gt
 
 
 def test_prepare_gt_from_masks_round_trip(tmp_path):
@@ -570,10 +568,7 @@ def test_phase_analysis_script_tables_and_plot(tmp_path):
     from common.io import write_ome_tiff
     from common.synthetic import make_fucci_spheroid
 
-    spec = importlib.util.spec_from_file_location("fucci_phase_analysis",
-                                                  os.path.join(ROOT, "scripts", "fucci_phase_analysis.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts import fucci_phase_analysis as mod
     truth = {}
     for seed in (1, 2):
         d = make_fucci_spheroid(shape=(12, 64, 64), n_nuclei=16, spacing_um=(5.0, 1.0, 1.0), seed=seed)
@@ -622,10 +617,7 @@ def test_phase_analysis_script_merges_an_oversplit_nucleus(tmp_path):
     from common.io import read_image, write_ome_tiff
     from common.synthetic import make_fucci_spheroid
 
-    spec = importlib.util.spec_from_file_location("fucci_phase_analysis",
-                                                  os.path.join(ROOT, "scripts", "fucci_phase_analysis.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts import fucci_phase_analysis as mod
     d = make_fucci_spheroid(shape=(12, 64, 64), n_nuclei=12, spacing_um=(5.0, 1.0, 1.0), seed=3)
     lab = d["labels"].astype(np.int64)
     ids, counts = np.unique(lab[lab > 0], return_counts=True)

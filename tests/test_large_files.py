@@ -14,10 +14,9 @@ import threading
 
 import pytest
 
-from distribution_testing import load_script
+from scripts import package_bundles as pack
 from zoo_testing import BUNDLES, ROOT, env
 
-pack = load_script("package_bundles")
 SHIPPED = sorted(b for b in os.listdir(BUNDLES) if os.path.isfile(os.path.join(BUNDLES, b, "models", "model.pt")))
 
 

@@ -35,9 +35,9 @@ from distribution_testing import (
 )
 from zoo_testing import ROOT, env
 
+from monailabel_app.lib import zoo as mlzoo
+
 APP = os.path.join(ROOT, "monailabel_app")
-sys.path.insert(0, APP)
-from lib import zoo as mlzoo  # noqa: E402
 
 USABLE = [b for b in ALL if unusable_reason(b) is None]
 KINDS = {b: mlzoo.bundle_kind(b, metadata(b)) for b in ALL}

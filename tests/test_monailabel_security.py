@@ -27,10 +27,9 @@ from distribution_testing import (
     unusable_reason,
     wait_for_http,
 )
-from test_monailabel_app import APP, _multipart, _request, app_copy, launch_server, server_env
+from test_monailabel_app import _multipart, _request, app_copy, launch_server, server_env
 
-sys.path.insert(0, APP)
-from lib import safety  # noqa: E402
+from monailabel_app.lib import safety
 
 SERVED = ["isl_nucleus_seg", "isl_cell_instance", "fnet_baseline"]  # 2D 3-channel, 2D 1-channel instances, 3D image
 UNSERVED = "unet3d_fucci"  # selected for training, but has no weights: neither infer nor train task

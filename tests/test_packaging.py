@@ -20,7 +20,6 @@ from distribution_testing import (
     finish_driver,
     free_port,
     input_spec,
-    load_script,
     make_copy,
     metadata,
     run_driver,
@@ -30,10 +29,10 @@ from distribution_testing import (
     unusable_reason,
     wait_for_http,
 )
+from scripts import package_bundles as pack
+from scripts import zoo
 from zoo_testing import BUNDLES, ROOT, TINY, env
 
-pack = load_script("package_bundles")
-zoo = load_script("zoo")
 USABLE = [b for b in ALL if unusable_reason(b) is None]
 FIRST = USABLE[0] if USABLE else None
 

@@ -10,10 +10,9 @@ import pytest
 
 from common.data import load_manifest
 from common.io import read_image, write_ome_tiff
-from distribution_testing import load_script
+from scripts import prepare_allen as prep
 from zoo_testing import ROOT, env
 
-prep = load_script("prepare_allen")
 SRC = (0.29, 0.108, 0.108)
 
 

@@ -1,8 +1,9 @@
-"""The command-line scripts: documented flags exist, unknown flags are refused before any work.
+"""The command-line tools and experiments: documented flags exist, unknown flags are refused before any work.
 
-The scripts are read with ``ast`` (never imported): the function(s) each one hands to fire, their
-parameters, and every ``python scripts/<name>.py ...`` command written in the script's own
-docstrings and in the READMEs.
+The scripts (``scripts/*.py``) and experiments (``experiments/*.py`` with a command line) are read with
+``ast`` (never imported): the function(s) each one hands to fire, their parameters, and every
+``python scripts/<name>.py ...`` / ``python -m scripts.<name>`` / ``python -m experiments.<name> ...``
+command written in its own docstrings and in the READMEs.
 """
 
 import ast
@@ -17,7 +18,14 @@ import pytest
 from common.cli import UnknownFlagError, check_flags, strict_fire
 from zoo_testing import ROOT, env
 
-SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+
+
+def _has_cli(path):
+    return os.path.basename(path) != "__init__.py" and 'if __name__ == "__main__":' in open(path).read()
+
+
+SCRIPTS = sorted(p for p in glob.glob(os.path.join(ROOT, "scripts", "*.py")) if _has_cli(p))
+SCRIPTS += sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "*.py")) if _has_cli(p))
 # owned by other parts of the project (their flags are checked by their own tests)
 OTHERS = {"zoo.py", "evaluate.py", "check_data.py"}
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "bundles", "*", "docs", "README.md")))
@@ -58,11 +66,18 @@ def _fire_targets(path):
     raise AssertionError(f"{path}: no fire call found")
 
 
-def _commands(text, script):
-    """Every documented ``python scripts/<script> ...`` call in ``text``: lists of its tokens after the name."""
+def _package(path):
+    return os.path.basename(os.path.dirname(path))
+
+
+def _commands(text, script, package="scripts"):
+    """Every documented ``python scripts/<script> ...`` or ``python -m <package>.<module> ...`` call in
+    ``text``: lists of its tokens after the name."""
     out = []
     joined = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
-    for m in re.finditer(r"python (?:-m )?scripts/" + re.escape(script) + r"((?:[ \t]+[^\s`;|&#]+)*)", joined):
+    stem = re.escape(script[:-3])
+    name = rf"(?:-m )?scripts/{re.escape(script)}|-m scripts\.{stem}" if package == "scripts" else rf"-m {package}\.{stem}"
+    for m in re.finditer(rf"python (?:{name})(?![\w.])((?:[ \t]+[^\s`;|&#]+)*)", joined):
         out.append(m.group(1).split())
     return out
 
@@ -88,7 +103,7 @@ def test_documented_flags_are_real(path):
     texts += [(os.path.relpath(d, ROOT), open(d).read()) for d in DOCS]
     wrong = []
     for where, text in texts:
-        for tokens in _commands(text, name):
+        for tokens in _commands(text, name, _package(path)):
             cmd, flags = _documented_flags(tokens, targets)
             names, var_kw = targets[cmd]
             wrong += [f"{where}: {name}{' ' + cmd if cmd else ''} --{f}" for f in flags
@@ -123,7 +138,8 @@ MINE = [p for p in SCRIPTS if os.path.basename(p) not in OTHERS]
 def test_unknown_flag_is_refused_before_any_work(path, tmp_path):
     targets, _, _ = _fire_targets(path)
     cmd = [] if None in targets else [sorted(targets)[0]]
-    p = subprocess.run([sys.executable, path, *cmd, "--no_such_flag", "1"],
+    run = [path] if _package(path) == "scripts" else ["-m", f"{_package(path)}.{os.path.basename(path)[:-3]}"]
+    p = subprocess.run([sys.executable, *run, *cmd, "--no_such_flag", "1"],
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "unknown flag(s) --no_such_flag" in p.stderr

@@ -319,9 +319,9 @@ def test_cli_runs_from_other_directory(tmp_path):
 
 def test_cli_commands(tmp_path):
     """Each fire command writes its data set and returns (prints) the manifest path."""
-    import runpy
+    from scripts import make_synthetic
 
-    cli = runpy.run_path(os.path.join(REPO, "scripts", "make_synthetic.py"), run_name="make_synthetic")
+    cli = vars(make_synthetic)
     # three items: make_synthetic also writes the train/val/test split, one item each
     man = cli["cells3d"](str(tmp_path / "c3"), n_volumes=3, shape=(8, 32, 32), seed=0, n_cells=2)
     assert os.path.samefile(man, tmp_path / "c3")  # the data folder: manifest.csv and its split

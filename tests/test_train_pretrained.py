@@ -2,16 +2,14 @@
 
 import json
 import os
-import sys
 import zipfile
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from scripts import train_pretrained as tp
 
-import train_pretrained as tp  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_set_config_value_follows_ids_and_leaves_missing_paths():

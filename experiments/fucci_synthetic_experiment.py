@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """unet3d_fucci on synthetic FUCCI spheroids: segmentation, then the cell-cycle phase of every nucleus.
 
-    python scripts/fucci_synthetic_experiment.py --seed 10 --threads 1   # ~8 min on a shared 2-core CPU
-    python scripts/fucci_synthetic_experiment.py --epochs 1 --epoch_length 3 --out_dir fucci_syn_smoke
+    python -m experiments.fucci_synthetic_experiment --seed 10 --threads 1   # ~8 min on a shared 2-core CPU
+    python -m experiments.fucci_synthetic_experiment --epochs 1 --epoch_length 3 --out_dir fucci_syn_smoke
 
 Data: :func:`common.synthetic.make_fucci_spheroid` spheroids (channels Cy3, GFP, Hoechst; a known
 phase per nucleus; dense packing; dimming with depth; 5 um z-steps), ``n_train`` for training and
@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from experiments.runner import bundle_dir, run_inprocess
 
-BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
+BUNDLE = "unet3d_fucci"
 
 
 def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int = 3, shape=(24, 128, 128),
@@ -72,7 +69,6 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
     """
     import pandas as pd
     import torch
-    from monai.bundle import run
 
     from common.fucci import (NUCLEUS, PHASE_NAMES, assign_phases, nucleus_table, phase_agreement, prepare_ground_truth,
                               merge_oversplit, save_phase_plot, split_by_reporter_change, write_ground_truth)
@@ -111,25 +107,25 @@ def main(out_dir: str = "fucci_synthetic_output", n_train: int = 3, n_test: int 
             w.writerows([[os.path.relpath(it[k], data) for k in ("image", "semantic", "instances")] for it in part])
     test = items[n_train:]
 
-    cfg = os.path.join(BUNDLE, "configs")
+    logging_file = os.path.join(bundle_dir(BUNDLE), "configs", "logging.conf")
     net = {"network_def#features": features, "network_def#pool_size": [1, 2, 2], "patch_size": patch,
            "input_channels": [int(c) for c in np.atleast_1d(input_channels)]}
     print(f"[2/5] training on channels {net['input_channels']}: {epochs} x {epoch_length} iterations, patch {patch}, "
           f"features {features}, lr {learning_rate}")
-    run(config_file=os.path.join(cfg, "train.json"), logging_file=os.path.join(cfg, "logging.conf"),
-        bundle_root=BUNDLE, train_manifest=os.path.join(data, "train.csv"),
-        val_manifest=os.path.join(data, "train.csv"), ckpt_dir=os.path.join(out_dir, "models"),
-        output_dir=os.path.join(out_dir, "runs"), batch_size=batch_size, learning_rate=learning_rate,
-        num_epochs=epochs, epoch_length=epoch_length, val_interval=epochs, num_workers=0, resume=False, **net)
+    run_inprocess(BUNDLE, "train.json", dict(
+        net, train_manifest=os.path.join(data, "train.csv"), val_manifest=os.path.join(data, "train.csv"),
+        ckpt_dir=os.path.join(out_dir, "models"), output_dir=os.path.join(out_dir, "runs"), batch_size=batch_size,
+        learning_rate=learning_rate, num_epochs=epochs, epoch_length=epoch_length, val_interval=epochs, num_workers=0,
+        resume=False), logging_file=logging_file)
     t_train = time.time() - t0
 
     print("[3/5] inference on the held-out spheroids")
     methods = ("watershed", "connected_components")
     for method in methods:
-        run(config_file=os.path.join(cfg, "inference.json"), logging_file=os.path.join(cfg, "logging.conf"),
-            bundle_root=BUNDLE, dataset_dir=os.path.join(data, "test.csv"),
-            ckpt_path=os.path.join(out_dir, "models", "model.pt"), output_dir=os.path.join(out_dir, f"pred_{method}"),
-            instance_method=method, watershed_h_um=h_um, min_nucleus_voxels=min_size, **net)
+        run_inprocess(BUNDLE, "inference.json", dict(
+            net, dataset_dir=os.path.join(data, "test.csv"), ckpt_path=os.path.join(out_dir, "models", "model.pt"),
+            output_dir=os.path.join(out_dir, f"pred_{method}"), instance_method=method, watershed_h_um=h_um,
+            min_nucleus_voxels=min_size), logging_file=logging_file)
 
     print("[4/5] phase calls (one Otsu threshold per reporter over all test spheroids) vs the truth")
     results, rows, dists = {}, [], {}

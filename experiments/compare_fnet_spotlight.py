@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Train fnet_baseline and spotlight_dna with the same budget on the same synthetic data, then compare.
 
-    python scripts/compare_fnet_spotlight.py --out_dir compare_output            # 31 min on a busy 2-core CPU (7 min CPU time)
-    python scripts/compare_fnet_spotlight.py --iterations 2000 --mult_chan 32 --out_dir long  # GPU
+    python -m experiments.compare_fnet_spotlight --out_dir compare_output           # 31 min on a busy 2-core CPU (7 min CPU time)
+    python -m experiments.compare_fnet_spotlight --iterations 2000 --mult_chan 32 --out_dir long  # GPU
 
 Steps:
 1. ``common.synthetic.write_dataset_3d``: seeded 3D phantoms (transmitted light -> DNA stain, with
    ground-truth nucleus labels), split into train / val / held-out test manifests;
-2. ``monai.bundle run`` of each bundle's ``configs/train.json`` with *identical* overrides
+2. ``monai.bundle run`` (:func:`experiments.runner.run_inprocess`) of each bundle's ``configs/train.json`` with *identical* overrides
    (network width, patch size, batch size, iterations, learning rate, seed); validation runs once,
    at the end, so ``models/model.pt`` is the final network of both;
 3. each bundle's ``configs/inference.json`` on the held-out signals;
@@ -21,10 +21,7 @@ import os
 import sys
 import time
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+from experiments.runner import bundle_dir, run_inprocess
 
 BUNDLES = {"F-net (MSE)": "fnet_baseline", "Spotlight": "spotlight_dna"}
 
@@ -69,7 +66,6 @@ def main(out_dir: str = "compare_output", n_train: int = 4, n_val: int = 1, n_te
         threads: torch threads.
     """
     import torch
-    from monai.bundle import run
 
     from common.spotlight.report import evaluate_dataset
     from common.synthetic import write_dataset_3d
@@ -87,23 +83,23 @@ def main(out_dir: str = "compare_output", n_train: int = 4, n_val: int = 1, n_te
     timings = {}
     preds = {}
     for i, (name, bundle) in enumerate(BUNDLES.items()):
-        root = os.path.join(ROOT, "bundles", bundle)
-        cfg = os.path.join(root, "configs")
+        logging_file = os.path.join(bundle_dir(bundle), "configs", "logging.conf")
         work = os.path.join(out_dir, bundle)
         print(f"[2/4] training {bundle}: {ov['num_epochs']} x {ov['epoch_length']} iterations, batch {batch_size}, "
               f"patch {patch_size}, mult_chan {mult_chan}", flush=True)
         t = time.time()
-        run(config_file=os.path.join(cfg, "train.json"), logging_file=os.path.join(cfg, "logging.conf"),
-            bundle_root=root, train_manifest=data["train"], val_manifest=data["val"],
-            ckpt_dir=os.path.join(work, "models"), output_dir=os.path.join(work, "runs"), **ov)
+        run_inprocess(bundle, "train.json", dict(ov, train_manifest=data["train"], val_manifest=data["val"],
+                                                 ckpt_dir=os.path.join(work, "models"),
+                                                 output_dir=os.path.join(work, "runs")), logging_file=logging_file)
         timings[f"train {bundle} (s)"] = round(time.time() - t, 1)
         print(f"[3/4] {bundle}: predicting the held-out volumes", flush=True)
         preds[name] = os.path.join(work, "pred")
-        run(config_file=os.path.join(cfg, "inference.json"), logging_file=os.path.join(cfg, "logging.conf"),
-            bundle_root=root, dataset_dir=data["test"], ckpt_path=os.path.join(work, "models", "model.pt"),
-            output_dir=preds[name], **{"network_def#mult_chan": mult_chan, "patch_size": list(patch_size)})
+        run_inprocess(bundle, "inference.json", {"dataset_dir": data["test"], "output_dir": preds[name],
+                                                 "ckpt_path": os.path.join(work, "models", "model.pt"),
+                                                 "network_def#mult_chan": mult_chan, "patch_size": list(patch_size)},
+                      logging_file=logging_file)
     print("[4/4] evaluation (Spotlight protocol)", flush=True)
-    cmd = "python scripts/compare_fnet_spotlight.py " + " ".join(sys.argv[1:])
+    cmd = "python -m experiments.compare_fnet_spotlight " + " ".join(sys.argv[1:])
     notes = (f"Command: `{cmd.strip()}`. Same budget for both bundles: {n_train} training volumes of {shape} "
              f"(seed {seed}), mult_chan {mult_chan}, patch {list(patch_size)}, batch {batch_size}, "
              f"{ov['num_epochs'] * ov['epoch_length']} iterations, Adam lr {lr}; torch threads {threads}. "
