@@ -65,7 +65,12 @@ class DistanceMaskToInstances(Transform):
             mask = m > np.log(self.mask_threshold / (1.0 - self.mask_threshold))
         else:
             mask = m > self.mask_threshold
-        lab = hmaxima_watershed(dist, mask, h=self.h, reconstruct=self.reconstruct, connectivity=self.connectivity)
+        # a one-pixel background frame, kept although hmaxima_watershed frames its own input: without it
+        # the MONAI Label result of the bundle differed from the in-process one (tests/
+        # test_isl_cell_instance_bundle.py::test_monailabel_bundle_infer_task_returns_instance_labels)
+        inner = tuple(slice(1, -1) for _ in range(dist.ndim))
+        lab = hmaxima_watershed(np.pad(dist, 1), np.pad(mask, 1), h=self.h, reconstruct=self.reconstruct,
+                                connectivity=self.connectivity)[inner]
         return _size_filter(lab, self.min_size)
 
     def __call__(self, img):
