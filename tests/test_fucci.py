@@ -11,10 +11,10 @@ import torch
 from monai.data import MetaTensor
 
 from common import fucci as F
+from common.fucci import (CLAHE, BackgroundThreshold, BackgroundThresholdd, CLAHEd, GammaCorrection, MedianFilter,
+                          TopHatRemoval)
 from common.losses import SoftmaxFocalLoss, WeightedCrossEntropyLoss, WeightedSoftIoULoss, make_class_loss
 from common.networks.unet3d import UNet3D
-from common.transforms import (CLAHE, BackgroundThreshold, BackgroundThresholdd, CLAHEd, GammaCorrection,
-                               MedianFilter, TopHatRemoval)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,6 +195,21 @@ def test_median_and_tophat_remove_small_bright_things_keep_nuclei():
     top = TopHatRemoval((0, 2, 2))(img)
     assert top[0, 0, 3, 3] == 0 and top[0, 0, 16, 16] == pytest.approx(0.6)
     assert np.all(top <= img + 1e-7)
+
+
+def test_library_steps_match_the_hand_written_ones():
+    """MedianFilter is MONAI's MedianSmooth: the values of scipy's median_filter(mode="nearest");
+    BackgroundThreshold is MONAI's ThresholdIntensity: values up to the threshold become 0."""
+    import scipy.ndimage as ndi
+
+    x = np.random.default_rng(3).random((2, 5, 24, 20), dtype=np.float32)
+    for size in [(1, 3, 3), (3, 3, 3), 3, (1, 5, 1)]:
+        ref = np.stack([ndi.median_filter(c, size=size, mode="nearest") for c in x])
+        np.testing.assert_array_equal(MedianFilter(size)(x), ref)
+    with pytest.raises(ValueError, match="odd"):
+        MedianFilter((1, 2, 2))
+    y = np.array([[[[0.0, 0.2999, 0.3, 0.3001, 1.0]]]], np.float32)
+    np.testing.assert_array_equal(BackgroundThreshold(0.3)(y), np.where(y > np.float32(0.3), y, 0))
 
 
 def test_preprocessing_rejects_unscaled_input():

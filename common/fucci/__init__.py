@@ -6,6 +6,8 @@ numpy in / numpy out (scikit-image style), plus one MONAI post-processing transf
 
 * :mod:`common.fucci.data`: :func:`load_fucci_manifest` (training manifests, checked before
   training), :func:`list_fucci_images` (inference inputs), :func:`save_preprocessing_preview`.
+* :mod:`common.fucci.preprocessing`: the optional per-channel steps (:class:`BackgroundThresholdd`,
+  :class:`GammaCorrectiond`, :class:`CLAHEd`, :class:`MedianFilterd`, :class:`TopHatRemovald`).
 * :mod:`common.fucci.ground_truth`: :func:`clean_instances` (per-slice minimum area, boundary
   smoothing), :func:`semantic_from_instances` (background 0, edge 1, nucleus 2),
   :func:`prepare_ground_truth`, :func:`write_ground_truth`.
@@ -31,10 +33,14 @@ from common.fucci.instances import (SemanticToInstancesd, give_back_edges, insta
                                     instances_from_prediction, instances_watershed)
 from common.fucci.phases import (PHASE_NAMES, assign_phases, nucleus_table, phase_agreement, phase_distribution,
                                  phase_from_reporters, reporter_thresholds, save_phase_plot)
+from common.fucci.preprocessing import (CLAHE, BackgroundThreshold, BackgroundThresholdd, CLAHEd, GammaCorrection,
+                                        GammaCorrectiond, MedianFilter, MedianFilterd, TopHatRemoval, TopHatRemovald)
 
 __all__ = [
     "CLASS_NAMES", "BACKGROUND", "EDGE", "NUCLEUS", "PHASE_NAMES",
     "load_fucci_manifest", "list_fucci_images", "save_preprocessing_preview",
+    "BackgroundThreshold", "BackgroundThresholdd", "GammaCorrection", "GammaCorrectiond", "CLAHE", "CLAHEd",
+    "MedianFilter", "MedianFilterd", "TopHatRemoval", "TopHatRemovald",
     "edge_footprint", "clean_instances", "semantic_from_instances", "prepare_ground_truth", "write_ground_truth",
     "instances_connected_components", "instances_watershed", "give_back_edges", "instances_from_prediction",
     "SemanticToInstancesd",
