@@ -271,3 +271,48 @@ def test_shipped_weights_give_the_same_labels_with_the_fast_defaults(bundle, tmp
             outs[fast] = parser.get_parsed_content("inferer")(x, net.eval())
     same = (_labels(bundle, parser, outs[True]) == _labels(bundle, parser, outs[False])).float().mean()
     assert float(same) >= LABELS_SAME_MIN, float(same)
+
+
+# ----------------------------------------------------------------------------- training defaults
+
+def _parse_train(bundle: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLES, bundle, "configs", "train.json"))
+    parser.update(dict({"bundle_root": os.path.join(BUNDLES, bundle), "device": "$torch.device('cpu')"},
+                       **TINY[bundle], **overrides))
+    return parser
+
+
+def _train_step(net: nn.Module, inferer, x: torch.Tensor) -> list[torch.Tensor]:
+    """One SGD step on a fixed target (the network's own first output + 1): the updated parameters."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    net.train()
+    out = inferer(x, net)
+    loss = (out - torch.ones_like(out)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_training_is_channels_last_by_default_with_the_same_mathematics(bundle):
+    """train.json: channels-last weights and inputs by default (the same arithmetic in another memory
+    order: one training step equals the contiguous one to fp32 rounding); ``channels_last: false``
+    gives contiguous weights and the plain inferer."""
+    on, off = _parse_train(bundle), _parse_train(bundle, channels_last="false")
+    assert on["channels_last"] is True
+    net_on, net_off = on.get_parsed_content("network"), off.get_parsed_content("network")
+    convs = [m for m in net_on.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    fmt = torch.channels_last_3d if isinstance(convs[0], nn.Conv3d) else torch.channels_last
+    assert all(m.weight.is_contiguous(memory_format=fmt) for m in convs)
+    assert all(m.weight.is_contiguous() for m in net_off.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    inf_on, inf_off = on.get_parsed_content("train#inferer"), off.get_parsed_content("train#inferer")
+    assert isinstance(inf_on, FastSimpleInferer) and inf_on.channels_last and not inf_off.channels_last
+    assert on.get_parsed_content("validate#inferer").channels_last
+    net_off.load_state_dict(net_on.state_dict())
+    x = _phantom(bundle)
+    x = x[(...,) + tuple(slice(0, 32 if x.ndim == 5 else 64) for _ in x.shape[2:])]
+    x = torch.cat([x, x.flip(-1)])  # batch 2: training-mode BatchNorm needs more than one value per channel
+    a, b = _train_step(net_on, inf_on, x), _train_step(net_off, inf_off, x)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa.contiguous(), pb, rtol=1e-4, atol=1e-5)
