@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Spacingd, Transform
-from monai.utils import TraceKeys
+from monai.transforms import MapTransform, NormalizeIntensity, Spacingd, Transform
+from monai.utils import TraceKeys, convert_to_dst_type
 
 __all__ = [
     "ZScoreNormalize",
@@ -38,7 +38,8 @@ def center_slices(n_z: int, n_slices: int) -> slice:
 class ZScoreNormalize(Transform):
     """Per-channel z-score: ``(x - mean) / std``.
 
-    ``mode="whole"`` takes the statistics of the whole image; ``mode="center_slices"`` takes them
+    ``mode="whole"`` takes the statistics of the whole image (MONAI's
+    ``NormalizeIntensity(channel_wise=True)``, returned as the input's type); ``mode="center_slices"`` takes them
     from the ``n_slices`` z-slices around the centre of a ``CZYX`` stack (pytorch_fnet's choice for
     the DNA channel, robust to empty slices at the top and bottom of a stack) and applies them to
     the whole stack. A constant channel has std 0: it becomes all zeros (no division by zero).
@@ -55,6 +56,11 @@ class ZScoreNormalize(Transform):
 
     def __call__(self, img):
         is_tensor = isinstance(img, torch.Tensor)
+        if self.mode == "whole":
+            out = NormalizeIntensity(channel_wise=True, dtype=torch.float32 if is_tensor else np.float32)(img)
+            if isinstance(img, MetaTensor):
+                return out
+            return out.as_tensor() if is_tensor else np.asarray(out, dtype=np.float32)
         x = img.float() if is_tensor else np.asarray(img, dtype=np.float32)
         out = []
         for c in range(x.shape[0]):
@@ -158,13 +164,9 @@ def _channels_np(img) -> np.ndarray:
 
 
 def _like(img, arr: np.ndarray):
-    """``arr`` (numpy) returned as the type of ``img`` (MetaTensor keeps affine and meta)."""
-    if isinstance(img, MetaTensor):
-        return MetaTensor(torch.as_tensor(arr), affine=img.affine, meta=img.meta,
-                          applied_operations=img.applied_operations)
-    if isinstance(img, torch.Tensor):
-        return torch.as_tensor(arr, device=img.device)
-    return arr
+    """``arr`` (numpy) returned as the type of ``img``, keeping ``arr``'s dtype (MONAI's ``convert_to_dst_type``:
+    a MetaTensor keeps affine and meta, a tensor its device)."""
+    return convert_to_dst_type(arr, img, dtype=arr.dtype)[0]
 
 
 def otsu_threshold(x, nbins: int = 256) -> float | None:

@@ -23,6 +23,20 @@ def test_zscore_whole_and_center_slices_by_hand():
     assert center_slices(40, 32) == slice(4, 36) and center_slices(10, 32) == slice(0, 10)
 
 
+def test_zscore_whole_is_monai_normalize_intensity_channel_wise():
+    """mode="whole" is MONAI's NormalizeIntensity(channel_wise=True): same values as the by-hand
+    per-channel (x - mean) / std (population std), numpy in -> numpy out, tensor in -> tensor out."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((3, 6, 9, 7)) * 100 + 5).astype(np.float32)
+    by_hand = np.stack([(c - c.astype(np.float64).mean()) / c.astype(np.float64).std() for c in x])
+    out = ZScoreNormalize("whole")(x)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out, by_hand, rtol=1e-5, atol=1e-5)
+    out_t = ZScoreNormalize("whole")(torch.as_tensor(x))
+    assert type(out_t) is torch.Tensor
+    np.testing.assert_allclose(out_t.numpy(), by_hand, rtol=1e-5, atol=1e-5)
+
+
 def test_zscore_constant_channel_gives_zeros_not_nan():
     out = ZScoreNormalized(keys="image")({"image": np.full((2, 4, 5, 5), 7.0, np.float32)})["image"]
     assert np.all(out == 0)
