@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """unet3d_fucci on real 3D nuclei: train on one half of cells3d, test on the other half.
 
-    python scripts/fucci_cells3d_experiment.py --seeds "[0,1,2]"     # ~10 min per seed on 2 CPU cores, 1 thread
-    python scripts/fucci_cells3d_experiment.py --out_dir fucci_cells3d --epochs 2 --epoch_length 5 --seeds "[0]"  # smoke run
+    python -m experiments.fucci_cells3d --seeds 3      # seeds 0, 1, 2; ~5 min per seed on a shared 2-core CPU, 1 thread
+    python -m experiments.fucci_cells3d --out_dir fucci_cells3d --epochs 2 --epoch_length 5 --seeds "[0]"  # smoke run
 
 Data: the nuclei channel of scikit-image's ``cells3d`` with 20 labelled nuclei (ZYX 60x256x256 at
 0.29x0.26x0.26 um, Allen Institute for Cell Science), shipped by the PyPI package
@@ -26,16 +25,13 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from experiments.runner import bundle_dir, run_inprocess
 
-BUNDLE = os.path.join(ROOT, "bundles", "unet3d_fucci")
+BUNDLE = bundle_dir("unet3d_fucci")
 CELLS3D_SPACING = (0.29, 0.26, 0.26)
 
 
@@ -70,6 +66,41 @@ def _mean_sd(values) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
+def instance_diagnostics(gt_instances, pred_instances) -> dict:
+    """Where instance AP is lost: boundary placement (IoU of the matched pairs, their volume ratio)
+    versus splits, merges, misses and false objects.
+
+    Pairs are the one-to-one matches at IoU >= 0.5 (:func:`common.metrics.matching`). A ground-truth
+    nucleus is *split* when two or more predicted instances each cover more than 10 % of it; a
+    predicted instance is a *merge* when it covers more than 10 % of two or more ground-truth nuclei.
+
+    Returns:
+        dict: ``matched_iou`` (sorted list), ``iou_histogram`` (counts in [0.5, 0.6, 0.7, 0.75, 0.8,
+        0.9, 1.0]), ``volume_ratio_median`` (predicted / true voxels over matched pairs), ``splits``,
+        ``merges``, ``missed`` (ground truth unmatched at 0.5), ``false`` (predictions unmatched at
+        0.5) and ``false_sizes`` (their voxel counts).
+    """
+    from common.metrics import matching
+
+    gt, pr = np.asarray(gt_instances), np.asarray(pred_instances)
+    m = matching(gt, pr, [0.5])
+    mg, mp, mi = list(m["matched_gt"][0]), list(m["matched_pred"][0]), list(m["matched_iou"][0])
+    gsz, psz = np.bincount(gt.ravel()), np.bincount(pr.ravel())
+    ratio = [psz[b] / gsz[a] for a, b in zip(mg, mp)]
+    both = (gt > 0) & (pr > 0)
+    pairs, inter = np.unique(np.stack([gt[both], pr[both]]), axis=1, return_counts=True)
+    big_gt = inter > 0.1 * gsz[pairs[0]]
+    big_pr = inter > 0.1 * psz[pairs[1]]
+    splits = int(np.sum(np.bincount(pairs[0][big_gt]) >= 2)) if big_gt.any() else 0
+    merges = int(np.sum(np.bincount(pairs[1][big_pr]) >= 2)) if big_pr.any() else 0
+    false_ids = sorted(set(np.unique(pr)[1:].tolist()) - set(int(v) for v in mp))
+    return {"matched_iou": sorted(round(float(v), 3) for v in mi),
+            "iou_histogram": np.histogram(mi, [0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0])[0].tolist(),
+            "volume_ratio_median": round(float(np.median(ratio)), 3) if ratio else None,
+            "splits": splits, "merges": merges, "missed": int(m["n_true"] - len(mg)), "false": len(false_ids),
+            "false_sizes": [int(psz[j]) for j in false_ids]}
+
+
 def tune_classical(img, gt_sem, gt_inst, spacing, grid=None):
     """Otsu + distance-transform watershed (:func:`common.segmentation.otsu_watershed`), its parameters
     chosen by mAP on the given (training) half. Returns ``(best params, report on that half)``."""
@@ -89,9 +120,18 @@ def tune_classical(img, gt_sem, gt_inst, spacing, grid=None):
     return best
 
 
+def _seed_list(seeds) -> list[int]:
+    """``3`` -> ``[0, 1, 2]``; a list (or ``"[0,1,2]"`` parsed by fire) is kept."""
+    if isinstance(seeds, (list, tuple)):
+        return [int(x) for x in seeds]
+    return list(range(int(seeds)))
+
+
 def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(16, 32, 64), patch=(16, 64, 64),
          batch_size: int = 2, epochs: int = 12, epoch_length: int = 20, learning_rate: float = 1e-3,
-         h_um: float = 1.0, threads: int = 1, seeds=(0, 1, 2), edge_grid=(0.0, 0.3, 0.6, 1.0, "ring")):
+         h_grid=(1.0,), threads: int = 1, seeds=3, edge_grid=(0.0, 0.3, "ring"),
+         normalisation: str = "fixed", intensity_percentiles=(0.5, 99.8), intensity_aug: float = 0.0,
+         contrast_aug: float = 0.0, fast: bool = False):
     """Train (one model per seed), predict and evaluate; prints the table and where the report is.
 
     Args:
@@ -101,14 +141,26 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         patch: training patch ``ZYX``.
         batch_size, epochs, epoch_length: training budget (iterations = epochs x epoch_length).
         learning_rate: Adam learning rate (paper 1e-4; 1e-3 converges within the short CPU budget).
-        h_um: minimal dynamic (um) of a watershed seed.
+        h_grid: minimal dynamic (um) of a watershed seed, chosen per seed by mAP on the TRAINING half
+            (with ``edge_um`` 0), then ``edge_grid`` with the chosen value.
         threads: torch CPU threads.
-        seeds: one trained model per seed; the table gives mean ± sd over them.
+        seeds: one trained model per seed (an int ``n``: seeds ``0 .. n-1``); the table gives mean ± sd.
         edge_grid: how far (um) predicted edge voxels are given back to the instances ("ring": all of
             the ring); chosen per seed by mAP on the TRAINING half, reported on the test half.
+        normalisation: ``"fixed"``: the training image's ``intensity_percentiles`` (raw counts) are the
+            range for every image (train.json ``intensity_range``, recorded with the weights and read
+            back by inference.json); ``"per_image"``: the bundle default, each image by its own
+            percentiles. On one acquisition the per-image upper bound sits on a few hundred voxels of
+            the brightest nucleus and differs between the halves (38.4k vs 25.8k counts), which moves
+            every predicted boundary; chosen by 2-fold cross-validation inside the training half
+            (bundle README, "Real data").
+        intensity_percentiles: ``(lower, upper)`` percentiles.
+        intensity_aug, contrast_aug: probabilities of train.json's ``augment#intensity_prob`` (random
+            intensity scaling by up to +-30 %) and ``augment#contrast_prob`` (random gamma 0.7..1.5).
+        fast: inference.json's ``fast`` (bf16 on CPUs with native bf16); off by default here so that
+            the numbers do not depend on the CPU (the watershed reads the nucleus probability).
     """
     import torch
-    from monai.bundle import run
 
     from common.fucci import prepare_ground_truth, save_preprocessing_preview, segmentation_report, write_ground_truth
     from common.io import read_image, write_ome_tiff
@@ -121,9 +173,14 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
     os.makedirs(data, exist_ok=True)
     features = [int(f) for f in features]
     patch = [int(p) for p in patch]
-    seeds = [int(x) for x in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
+    seeds = _seed_list(seeds)
+    percentiles = [float(v) for v in intensity_percentiles]
+    if normalisation not in ("fixed", "per_image"):
+        raise ValueError(f"normalisation must be 'fixed' or 'per_image', got {normalisation!r}")
+    h_grid = [float(h) for h in (h_grid if isinstance(h_grid, (list, tuple)) else [h_grid])]
     # "ring": far enough to reach every edge voxel (None would read as "no override" in the bundle runner)
     edge_grid = [100.0 if e == "ring" else float(e) for e in edge_grid]
+    logging_file = os.path.join(BUNDLE, "configs", "logging.conf")
 
     print(f"[1/5] cells3d nuclei, downsampled {downsample}x; ground truth (edge = dilation minus mask)")
     img, lab, spacing = load_cells3d(downsample)
@@ -138,12 +195,17 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         gt[name] = (sem.astype(np.int64), inst.astype(np.int64))
         print(f"    {name}: {img[sl].shape} voxels, {len(np.unique(inst)) - 1} nuclei (some cut by the midline)")
     train_csv = _manifest(os.path.join(data, "train.csv"), [files["train"]])
-    cfg = os.path.join(BUNDLE, "configs")
+    intensity_range = None
+    if normalisation == "fixed":
+        intensity_range = [float(v) for v in np.percentile(img[parts["train"]], percentiles)]
+        print(f"    fixed intensity range {intensity_range} (training half, percentiles {percentiles})")
 
-    def predict(models, name, pdir, method, edge_um):
-        run(config_file=os.path.join(cfg, "inference.json"), logging_file=os.path.join(cfg, "logging.conf"),
-            bundle_root=BUNDLE, dataset_dir=files[name][0], ckpt_path=os.path.join(models, "model.pt"),
-            output_dir=pdir, instance_method=method, watershed_h_um=h_um, edge_um=edge_um, patch_size=patch)
+    def predict(models, name, pdir, method, edge_um, h_um):
+        run_inprocess(BUNDLE, "inference.json",
+                      {"dataset_dir": files[name][0], "ckpt_path": os.path.join(models, "model.pt"), "output_dir": pdir,
+                       "instance_method": method, "watershed_h_um": h_um, "edge_um": edge_um, "patch_size": patch,
+                       "fast": bool(fast)},
+                      logging_file=logging_file)
         sem = read_image(os.path.join(pdir, f"{name}_image_semantic.ome.tif"))[0][0].astype(np.int64)
         inst = read_image(os.path.join(pdir, f"{name}_image_instances.ome.tif"))[0][0].astype(np.int64)
         return sem, inst
@@ -153,29 +215,46 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         sdir = os.path.join(out_dir, f"seed_{seed}")
         models = os.path.join(sdir, "models")
         print(f"[2/5] seed {seed}: training {epochs} epochs x {epoch_length} iterations, batch {batch_size}, "
-              f"patch {patch}, features {features}, lr {learning_rate}")
+              f"patch {patch}, features {features}, lr {learning_rate}, percentiles {percentiles}, "
+              f"intensity/contrast augmentation p {intensity_aug}/{contrast_aug}")
         t1 = time.time()
-        run(config_file=os.path.join(cfg, "train.json"), logging_file=os.path.join(cfg, "logging.conf"),
-            bundle_root=BUNDLE, train_manifest=train_csv, val_manifest=train_csv, ckpt_dir=models,
-            output_dir=os.path.join(sdir, "runs"), batch_size=batch_size, learning_rate=learning_rate,
-            num_epochs=epochs, epoch_length=epoch_length, val_interval=epochs, num_workers=0, resume=False,
-            seed=seed, **{"network_def#features": features, "patch_size": patch})
+        run_inprocess(BUNDLE, "train.json",
+                      {"train_manifest": train_csv, "val_manifest": train_csv, "ckpt_dir": models,
+                       "output_dir": os.path.join(sdir, "runs"), "batch_size": batch_size,
+                       "learning_rate": learning_rate, "num_epochs": epochs, "epoch_length": epoch_length,
+                       "val_interval": epochs, "num_workers": 0, "resume": False, "seed": seed,
+                       "network_def#features": features, "patch_size": patch, "intensity_percentiles": percentiles,
+                       "intensity_range": intensity_range,
+                       "augment#intensity_prob": float(intensity_aug), "augment#contrast_prob": float(contrast_aug)},
+                      logging_file=logging_file)
         t_train += time.time() - t1
-        print(f"[3/5] seed {seed}: edge give-back chosen on the training half, then the test half")
-        scores = {}
+        print(f"[3/5] seed {seed}: watershed h and edge give-back chosen on the training half, then the test half")
+        h_scores, scores = {}, {}
+        for h in h_grid:
+            sem, inst = predict(models, "train", os.path.join(sdir, "pred_train"), "watershed", 0.0, h)
+            h_scores[h] = segmentation_report(gt["train"][0], sem, gt["train"][1], inst)["mAP"]
+        h_um = max(h_grid, key=lambda h: (h_scores[h], -abs(h - 1.0)))  # ties: nearest the bundle default
         for e in edge_grid:
-            sem, inst = predict(models, "train", os.path.join(sdir, "pred_train"), "watershed", e)
+            sem, inst = predict(models, "train", os.path.join(sdir, "pred_train"), "watershed", e, h_um)
             scores[e] = segmentation_report(gt["train"][0], sem, gt["train"][1], inst)["mAP"]
         chosen = max(edge_grid, key=lambda e: (scores[e], -e))  # ties: the least growth
-        row = {"seed": seed, "edge_um_chosen": chosen,
+        row = {"seed": seed, "h_um_chosen": h_um, "edge_um_chosen": chosen,
+               "train_mAP_by_h_um": {str(h): round(v, 4) for h, v in h_scores.items()},
                "train_mAP_by_edge_um": {str(e): round(v, 4) for e, v in scores.items()}}
         for label, method, e in (("cc", "connected_components", 0.0), ("ws", "watershed", 0.0),
                                  ("ws_edges", "watershed", chosen)):
-            sem, inst = predict(models, "test", os.path.join(sdir, f"pred_{label}"), method, e)
+            sem, inst = predict(models, "test", os.path.join(sdir, f"pred_{label}"), method, e, h_um)
             row[label] = segmentation_report(gt["test"][0], sem, gt["test"][1], inst)
+            row[label]["diagnostics"] = instance_diagnostics(gt["test"][1], inst)
+            row[label]["pred_nucleus_voxels"], row[label]["true_mask_voxels"] = int((sem == 2).sum()), int(
+                (gt["test"][1] > 0).sum())
             results.setdefault(label, []).append(row[label])
             if seed == seeds[0]:
                 results.setdefault("_first_inst", {})[label] = inst
+        d = row["ws"]["diagnostics"]
+        print(f"    seed {seed} test, watershed: mAP {row['ws']['mAP']:.3f} AP@0.75 {row['ws']['ap75']:.3f}; matched IoU "
+              f"{d['matched_iou']}; volume ratio {d['volume_ratio_median']}; splits {d['splits']} merges {d['merges']} "
+              f"missed {d['missed']} false {d['false']} {d['false_sizes']}")
         per_seed.append(row)
 
     print("[4/5] classical baseline: Otsu + distance-transform watershed tuned on the training half")
@@ -185,6 +264,7 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
 
     cl_inst = otsu_watershed(img[parts["test"]], spacing=spacing, min_size=0, remove_border=False, **params)
     cl_rep = segmentation_report(gt["test"][0], semantic_from_instances(cl_inst), gt["test"][1], cl_inst)
+    cl_rep["diagnostics"] = instance_diagnostics(gt["test"][1], cl_inst)
 
     names = {"cc": "U-Net, connected components of the nucleus class",
              "ws": "U-Net, watershed of the nucleus class",
@@ -208,12 +288,16 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
                          "test_shape_zyx": list(img[parts["test"]].shape),
                          "split": "train x < 128, test x >= 128 (original)", "features": features, "patch": patch,
                          "batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate,
-                         "epoch_length": epoch_length, "h_um": h_um, "seeds": seeds,
+                         "epoch_length": epoch_length, "h_grid": h_grid, "seeds": seeds,
+                         "normalisation": normalisation, "intensity_range": intensity_range, "fast": bool(fast),
+                         "intensity_percentiles": percentiles, "intensity_aug": intensity_aug,
+                         "contrast_aug": contrast_aug,
                          "torch_threads": torch.get_num_threads(), "train_seconds_total": round(t_train, 1)}}
 
     print("[5/5] report")
     rep = os.path.join(out_dir, "report")
     os.makedirs(rep, exist_ok=True)
+    metrics["wall_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(rep, "metrics.json"), metrics)
     test_img = img[parts["test"]]
     save_mip_figure(os.path.join(rep, "preview.png"),
@@ -223,15 +307,28 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
                                                "watershed + edges": first["ws_edges"], "classical": cl_inst},
                     title=f"cells3d test half, seed {seeds[0]}: instance outlines on max-projections")
     save_preprocessing_preview(os.path.join(rep, "preprocessing.png"), files["test"][0],
-                               os.path.join(cfg, "inference.json"))
+                               os.path.join(BUNDLE, "configs", "inference.json"))
     table = markdown_table(rows)
+    diag = ["| seed | matched IoU (test, watershed) | pred / true volume | splits | merges | missed | false |",
+            "|---|---|---|---|---|---|---|"]
+    for r in per_seed:
+        d = r["ws"]["diagnostics"]
+        diag.append(f"| {r['seed']} | {d['iou_histogram']} | {d['volume_ratio_median']} | {d['splits']} | "
+                    f"{d['merges']} | {d['missed']} | {d['false']} {d['false_sizes']} |")
+    d = cl_rep["diagnostics"]
+    diag.append(f"| classical | {d['iou_histogram']} | {d['volume_ratio_median']} | {d['splits']} | {d['merges']} | "
+                f"{d['missed']} | {d['false']} {d['false_sizes']} |")
     with open(os.path.join(rep, "results.md"), "w") as fh:
         fh.write("# unet3d_fucci on cells3d nuclei (train left half, test right half)\n\n" + table
-                 + f"\nmean ± sd over seeds {seeds}; edge_um chosen per seed on the training half: "
+                 + f"\nmean ± sd over seeds {seeds}; chosen per seed on the training half: h_um "
+                 + ", ".join(str(r["h_um_chosen"]) for r in per_seed) + "; edge_um "
                  + ", ".join(str(r["edge_um_chosen"]) for r in per_seed)
+                 + "\n\nMatched pairs (IoU >= 0.5) per IoU bin [0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0]:\n\n"
+                 + "\n".join(diag)
                  + f"\n\n![preview](preview.png)\n\nTotal time {time.time() - t0:.0f} s "
                  f"(training {t_train:.0f} s, torch threads {torch.get_num_threads()}).\n")
     print(table)
+    print("\n".join(diag))
     print(f"done in {time.time() - t0:.0f} s; report: {rep}/results.md")
     return rep
 
