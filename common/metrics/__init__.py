@@ -10,7 +10,7 @@
   :func:`dataset_average_precision`, :func:`scores_from_counts`, :func:`aggregated_jaccard_index`.
 * :mod:`~common.metrics.semantic`: :func:`per_class_scores`.
 * :mod:`~common.metrics.morphology`: :func:`object_features`, :func:`feature_profile_distance`,
-  :func:`matched_feature_correlation`.
+  :func:`matched_feature_rows`, :func:`feature_correlation`, :func:`matched_feature_correlation`.
 * :mod:`~common.metrics.handlers`: MONAI ``CumulativeIterationMetric`` classes and their ignite
   handlers: :class:`PearsonR`, :class:`ForegroundPearsonR`, :class:`RangePSNR`, :class:`InstanceAP`.
 
@@ -32,8 +32,8 @@ from common.metrics.handlers import (ForegroundPearsonMetric, ForegroundPearsonR
 from common.metrics.image import background_variability, microssim_3d, pearson_r, psnr, rescale_to_range, ssim
 from common.metrics.instances import (aggregated_jaccard_index, average_precision, dataset_average_precision,
                                       match_instances, matching, scores_from_counts)
-from common.metrics.morphology import (INTENSITY_FEATURES, SHAPE_FEATURES, feature_profile_distance,
-                                       matched_feature_correlation, object_features)
+from common.metrics.morphology import (INTENSITY_FEATURES, SHAPE_FEATURES, feature_correlation, feature_profile_distance,
+                                       matched_feature_correlation, matched_feature_rows, object_features)
 from common.metrics.resolution import fourier_ring_correlation, frc_resolution
 from common.metrics.semantic import per_class_scores
 
@@ -44,7 +44,8 @@ __all__ = [
     "match_instances", "matching", "average_precision", "dataset_average_precision", "scores_from_counts",
     "aggregated_jaccard_index",
     "per_class_scores",
-    "SHAPE_FEATURES", "INTENSITY_FEATURES", "object_features", "feature_profile_distance", "matched_feature_correlation",
+    "SHAPE_FEATURES", "INTENSITY_FEATURES", "object_features", "feature_profile_distance", "matched_feature_rows",
+    "feature_correlation", "matched_feature_correlation",
     "PearsonMetric", "PearsonR", "RangePSNRMetric", "RangePSNR", "ForegroundPearsonMetric", "ForegroundPearsonR",
     "InstanceMatchingMetric", "InstanceAP",
 ]

@@ -9,7 +9,7 @@ from common.metrics.image import pearson_r
 from common.metrics.instances import _check_labels, matching
 
 __all__ = ["SHAPE_FEATURES", "INTENSITY_FEATURES", "object_features", "feature_profile_distance",
-           "matched_feature_correlation"]
+           "matched_feature_rows", "feature_correlation", "matched_feature_correlation"]
 
 
 #: Feature columns produced by :func:`object_features` that describe shape/intensity
@@ -167,26 +167,21 @@ def feature_profile_distance(feats_a, feats_b, features=None, reference=None):
     return float(np.clip(1.0 - np.dot(ma, mb) / (na * nb), 0.0, 2.0))
 
 
-def matched_feature_correlation(feats_gt, feats_pred, gt_labels, pred_labels, features=None, iou_threshold=0.5):
-    """Per-feature Pearson r between ground-truth and predicted objects matched by IoU.
+def matched_feature_rows(feats_gt, feats_pred, gt_labels, pred_labels, features=None, iou_threshold=0.5):
+    """Feature rows of the ground-truth and predicted objects matched by IoU, in matching order.
 
-    Objects are paired by :func:`matching` at ``iou_threshold`` (unique at >= 0.5).
+    Objects are paired by :func:`common.metrics.instances.matching` at ``iou_threshold`` (unique at >= 0.5).
 
-    Parameters
-    ----------
-    feats_gt, feats_pred : pandas.DataFrame
-        :func:`object_features` of ``gt_labels`` and ``pred_labels`` (column ``label``).
-    gt_labels, pred_labels : ndarray of int, shape (Z, Y, X)
-        The label images the features were measured on.
-    features : sequence of str, optional
-        Columns to correlate (default: shape and intensity features present in both).
-    iou_threshold : float
+    Args:
+        feats_gt: :func:`object_features` table (``pandas.DataFrame``, column ``label``) of ``gt_labels``.
+        feats_pred: the same of ``pred_labels``.
+        gt_labels: the ground-truth label image the features were measured on.
+        pred_labels: the predicted label image.
+        features: columns to keep (default: shape and intensity features present in both).
+        iou_threshold: matching threshold.
 
-    Returns
-    -------
-    dict
-        ``{feature: r}`` (r = 0.0 when a feature is constant over the matched
-        objects, NaN when fewer than 2 pairs) plus ``"n_matched"``.
+    Returns:
+        tuple: two ``DataFrame`` with the columns ``features``, row ``i`` of each is the ``i``-th matched pair.
     """
     import pandas as pd
 
@@ -194,12 +189,41 @@ def matched_feature_correlation(feats_gt, feats_pred, gt_labels, pred_labels, fe
     fp = pd.DataFrame(feats_pred).set_index("label")
     cols = _feature_columns(fg, fp, features)
     m = matching(gt_labels, pred_labels, thresholds=[iou_threshold])
-    g_lab, p_lab = m["matched_gt"][0], m["matched_pred"][0]
-    out: dict = {}
-    for c in cols:
-        if g_lab.size < 2:
-            out[c] = float("nan")
-        else:
-            out[c] = pearson_r(fp.loc[p_lab, c].to_numpy(), fg.loc[g_lab, c].to_numpy())
-    out["n_matched"] = int(g_lab.size)
+    return (fg.loc[m["matched_gt"][0], cols].reset_index(drop=True),
+            fp.loc[m["matched_pred"][0], cols].reset_index(drop=True))
+
+
+def feature_correlation(rows_a, rows_b, features=None) -> dict:
+    """Per-feature Pearson r between paired rows of two feature tables (e.g. :func:`matched_feature_rows`).
+
+    Args:
+        rows_a: ``DataFrame`` of features, one row per object.
+        rows_b: ``DataFrame`` with the same columns, row ``i`` paired with row ``i`` of ``rows_a``.
+        features: columns to correlate (default: all columns of ``rows_a``).
+
+    Returns:
+        dict: ``{feature: r}``; r = 0.0 when a feature is constant over the pairs, NaN when fewer than 2 pairs.
+    """
+    cols = list(rows_a.columns) if features is None else list(features)
+    return {c: pearson_r(rows_b[c].to_numpy(), rows_a[c].to_numpy()) if len(rows_a) >= 2 else float("nan")
+            for c in cols}
+
+
+def matched_feature_correlation(feats_gt, feats_pred, gt_labels, pred_labels, features=None, iou_threshold=0.5):
+    """Per-feature Pearson r between ground-truth and predicted objects matched by IoU.
+
+    Args:
+        feats_gt: :func:`object_features` table of ``gt_labels`` (column ``label``).
+        feats_pred: the same of ``pred_labels``.
+        gt_labels: the ground-truth label image the features were measured on.
+        pred_labels: the predicted label image.
+        features: columns to correlate (default: shape and intensity features present in both).
+        iou_threshold: matching threshold.
+
+    Returns:
+        dict: ``{feature: r}`` (:func:`feature_correlation` of :func:`matched_feature_rows`) plus ``"n_matched"``.
+    """
+    a, b = matched_feature_rows(feats_gt, feats_pred, gt_labels, pred_labels, features, iou_threshold)
+    out = feature_correlation(a, b)
+    out["n_matched"] = int(len(a))
     return out

@@ -38,10 +38,11 @@ from common.metrics import (
     DegenerateInputError,
     background_variability,
     dataset_average_precision,
+    feature_correlation,
     feature_profile_distance,
     fourier_ring_correlation,
     frc_resolution,
-    matching,
+    matched_feature_rows,
     microssim_3d,
     object_features,
     pearson_r,
@@ -252,13 +253,6 @@ def feature_table(labels, intensity, spacing) -> "pandas.DataFrame":  # noqa: F8
     return object_features(labels, intensity, spacing)
 
 
-def _pearson_columns(a, b, cols):
-    out = {}
-    for c in cols:
-        out[c] = pearson_r(a[c].to_numpy(), b[c].to_numpy()) if len(a) >= 2 else float("nan")
-    return out
-
-
 def feature_comparison(pairs: Sequence[tuple], reference=None, iou_threshold: float = 0.5) -> dict:
     """Compare target-based and prediction-based object features over a data set.
 
@@ -289,16 +283,11 @@ def feature_comparison(pairs: Sequence[tuple], reference=None, iou_threshold: fl
                    mean_correlation=float("nan"))
         return out
     out["cosine_distance"] = feature_profile_distance(ft, fp, features=cols, reference=reference)
-    mt, mp = [], []
-    for f_t, f_p, s_t, s_p in pairs:
-        m = matching(s_t, s_p, thresholds=[iou_threshold])
-        if m["matched_gt"][0].size:
-            mt.append(f_t.set_index("label").loc[m["matched_gt"][0], cols])
-            mp.append(f_p.set_index("label").loc[m["matched_pred"][0], cols])
-    a = pd.concat(mt, ignore_index=True) if mt else pd.DataFrame(columns=cols)
-    b = pd.concat(mp, ignore_index=True) if mp else pd.DataFrame(columns=cols)
+    rows = [matched_feature_rows(f_t, f_p, s_t, s_p, cols, iou_threshold) for f_t, f_p, s_t, s_p in pairs]
+    a = pd.concat([r[0] for r in rows], ignore_index=True)
+    b = pd.concat([r[1] for r in rows], ignore_index=True)
     out["n_matched"] = int(len(a))
-    out["correlation"] = _pearson_columns(a, b, cols)
+    out["correlation"] = feature_correlation(a, b, cols)
     vals = [v for v in out["correlation"].values() if np.isfinite(v)]
     out["mean_correlation"] = float(np.mean(vals)) if vals else float("nan")
     return out
