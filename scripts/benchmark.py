@@ -233,12 +233,6 @@ def _flops(fn: Callable[[], None]) -> float:
     return float(fc.get_total_flops())
 
 
-def _module_exists(mod: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(mod) is not None
-
-
 def _parse_list(value, cast=str) -> list:
     if value is None:
         return []
@@ -788,14 +782,8 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
             elif sec == "scaling":
                 section_scaling(p, dev, threads, rows, reuse, tmp)
             elif sec == "densenet2d":
-                if not _module_exists("common.networks.densenet_unet"):
-                    _log("  skipped: common/networks/densenet_unet.py does not exist yet")
-                    continue
                 section_densenet2d(p, dev, rows, warmup)
             elif sec == "unet3d":
-                if not _module_exists("common.networks.unet3d"):
-                    _log("  skipped: common/networks/unet3d.py does not exist yet")
-                    continue
                 section_unet3d(p, dev, threads, rows, tmp)
             elif sec == "loader":
                 model = {r["path"]: r["patches_per_s"] for r in rows if r["section"] == "fnet_train"}
