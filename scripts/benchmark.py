@@ -40,13 +40,11 @@ import threading
 import time
 from collections.abc import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+import numpy as np
 
-import numpy as np  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # children get it as PYTHONPATH
 
-SECTIONS = ("fnet_train", "fnet_infer", "scaling", "densenet2d", "unet3d", "loader", "ddp")
+SECTIONS = ("fnet_train", "fnet_infer", "scaling", "densenet2d", "unet3d", "loader", "ddp", "peer")
 
 # ------------------------------------------------------------------------------------- profiles
 
@@ -293,9 +291,13 @@ def build_network(kind: str, kwargs: dict, seed: int = 0):
         net = UNet3D(**kwargs)
     else:
         raise ValueError(f"unknown network kind {kind!r} (fnet, densenet, unet3d)")
-    # realistic BatchNorm statistics (as after training), so that eval mode and folding are exercised
+    # He initialisation (outputs that vary, so that the Pearson r of an optimised output with the
+    # reference measures rounding, not a near-constant output) and realistic BatchNorm statistics (as
+    # after training), so that eval mode and folding are exercised
     g = torch.Generator().manual_seed(seed + 1)
     for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=g)
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
@@ -391,7 +393,23 @@ def child(spec: str) -> None:
     x = torch.randn(1, s.get("in_channels", 1), *s["volume"], generator=g).to(device)
     path = s["path"]
     compile_s = None
-    if path == "whole":  # pytorch_fnet: the whole (padded) volume through the network at once, fp32
+    if path == "peer":  # the peer's own Model and its predict_piecewise, on the same volume
+        model = peer_model(s["peer_path"], s["net_kwargs"])
+
+        def run(v):
+            return model.predict_piecewise(v[0].cpu())[None]
+
+        warm = x[(...,) + tuple(slice(0, min(32, n)) for n in x.shape[2:])]
+    elif path == "bundle":  # fnet_baseline's inference.json defaults
+        inferer = FastSlidingWindowInferer(roi_size=s["roi"], sw_batch_size=s["sw_batch"], overlap=s["overlap"],
+                                           mode=s.get("mode", "constant"), margin=s.get("margin"), fast=s["fast"])
+
+        def run(v):
+            with torch.no_grad():
+                return inferer(v, net)
+
+        warm = torch.randn(1, x.shape[1], *s["roi"], device=device)
+    elif path == "whole":  # pytorch_fnet: the whole (padded) volume through the network at once, fp32
         def run(v):
             with torch.no_grad():
                 return net(v)
@@ -445,8 +463,9 @@ def section_fnet_infer(p: dict, device, threads, rows: list, tmp: str, compile_i
     specs = {"ref": dict(base, path="ref", **p["sw_ref"]), "opt": dict(base, path="opt", **p["sw_opt"])}
     if compile_infer:
         specs["opt + compile"] = dict(base, path="opt", compile=True, **p["sw_opt"])
-    if ablation:  # which part of the gain comes from precision/layout and which from the windows
-        specs["opt, ref windows"] = dict(base, path="opt", **p["sw_ref"])
+    # the fast paths alone (the reference's own windows: the same output up to rounding)
+    specs["opt, ref windows (fast paths alone)"] = dict(base, path="opt", **p["sw_ref"])
+    if ablation:  # the window-geometry gain alone
         specs["ref, opt windows"] = dict(base, path="ref", **p["sw_opt"])
     results = {k: [] for k in specs}
 
@@ -711,11 +730,156 @@ def section_ddp(p: dict, threads, rows: list) -> None:
         _log("    " + format_table(rows[-1:]).splitlines()[-1])
 
 
+# ------------------------------------------------------------------------------------- peer
+
+PEER_SHIMS = (
+    "scipy.signal.triang = scipy.signal.windows.triang (moved in SciPy 1.13; pytorch_fnet's predict_piecewise "
+    "imports the old name)",
+    "the fnet package's __init__ is not run (it imports the CLI and data modules, which need aicsimageio, "
+    "not installed here): a bare package module whose __path__ is the checkout's fnet/ is registered, so "
+    "fnet.fnet_model, fnet.predict_piecewise and fnet.nn_modules import unchanged from the checkout",
+)
+
+
+def _parse_peer(peer) -> dict[str, str]:
+    """``pytorch_fnet=/path`` (comma-separated for several) -> ``{name: path}``."""
+    out = {}
+    for item in _parse_list(peer):
+        name, _, path = item.partition("=")
+        if name != "pytorch_fnet" or not path:
+            raise ValueError(f"--peer takes pytorch_fnet=<path of a checkout>; got {item!r}")
+        out[name] = os.path.abspath(os.path.expanduser(path))
+    return out
+
+
+def peer_import(path: str):
+    """pytorch_fnet's ``fnet.fnet_model`` module from the checkout at ``path`` (with :data:`PEER_SHIMS`)."""
+    import importlib
+    import types
+
+    import scipy.signal
+    import scipy.signal.windows
+
+    if not os.path.isfile(os.path.join(path, "fnet", "fnet_model.py")):
+        raise FileNotFoundError(f"{path} is not a pytorch_fnet checkout (no fnet/fnet_model.py)")
+    if not hasattr(scipy.signal, "triang"):
+        scipy.signal.triang = scipy.signal.windows.triang
+    pkg = sys.modules.get("fnet")
+    if pkg is None or list(getattr(pkg, "__path__", [])) != [os.path.join(path, "fnet")]:
+        pkg = types.ModuleType("fnet")
+        pkg.__path__ = [os.path.join(path, "fnet")]
+        sys.modules["fnet"] = pkg
+    return importlib.import_module("fnet.fnet_model")
+
+
+def peer_model(path: str, net_kwargs: dict, seed: int = 0):
+    """The peer's own ``fnet.fnet_model.Model`` (its 3D F-net of ``depth``/``mult_chan``, Adam with betas
+    0.5/0.999 and lr 1e-3 as its defaults, its WeightedMSE loss, its weight initialisation), on CPU."""
+    import torch
+
+    mod = peer_import(path)
+    torch.manual_seed(seed)
+    return mod.Model(nn_class="fnet.nn_modules.fnet_nn_3d_params.Net",
+                     nn_kwargs={"depth": int(net_kwargs.get("depth", 4)), "mult_chan": int(net_kwargs["mult_chan"])})
+
+
+def _peer_commit(path: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def _bundle_infer_defaults(bundle: str = "fnet_baseline") -> dict:
+    """The sliding-window settings of a bundle's inference.json, as a user running it gets them."""
+    with open(os.path.join(ROOT, "bundles", bundle, "configs", "inference.json")) as f:
+        cfg = json.load(f)
+    return {"roi": list(cfg["patch_size"]), "sw_batch": int(cfg["sw_batch_size"]), "overlap": float(cfg["overlap"]),
+            "margin": cfg.get("sw_margin"), "mode": cfg["inferer"].get("mode", "constant"),
+            "fast": bool(cfg.get("fast", False))}
+
+
+def _train_defaults(bundle: str = "fnet_baseline") -> dict:
+    """The fast-path switches of a bundle's train.json defaults (``None``: follows ``fast``)."""
+    from common.fastpath import native_bf16_cpu
+
+    with open(os.path.join(ROOT, "bundles", bundle, "configs", "train.json")) as f:
+        cfg = json.load(f)
+    cl = cfg.get("channels_last", False)
+    bf16 = cfg.get("bf16_cpu", False)
+    bf16 = native_bf16_cpu() if str(bf16).lower() == "auto" else bool(bf16)
+    return {"channels_last": bool(cl), "bf16": bf16}
+
+
+def section_peer(p: dict, device, threads, rows: list, warmup: int, peers: dict) -> None:
+    """Ours (the bundles' defaults) against pytorch_fnet's own code: its training step
+    (``Model.train_on_batch``) and its prediction (``Model.predict_piecewise``) on the same F-net size,
+    patches and volume; ratios are theirs / ours in time (> 1: ours faster)."""
+    import torch
+
+    if not peers:
+        reason = "skipped: no checkout given (--peer pytorch_fnet=<path>)"
+        _log("  " + reason)
+        rows.append(_row("peer", "pytorch_fnet", "", None, note=reason))
+        return
+    if device.type != "cpu":
+        _log("  peer: run on CPU only (pytorch_fnet's predict goes through numpy)")
+    path = peers["pytorch_fnet"]
+    commit = _peer_commit(path)
+    _log(f"  peer pytorch_fnet at {path}, commit {commit}; shims: " + "; ".join(PEER_SHIMS))
+    b = p["train_batches"][0]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(b, 1, *p["train_patch"], generator=g)
+    y = torch.randn(b, 1, *p["train_patch"], generator=g)
+    tr = _train_defaults()
+    model = peer_model(path, p["fnet"])
+    ours = build_network("fnet", p["fnet"])
+    n_ours = sum(t.numel() for t in ours.parameters())
+    n_peer = sum(t.numel() for t in model.net.parameters())
+    fns = {"ours (train.json defaults)": train_step_fn(ours, x, y, tr["bf16"], tr["channels_last"], "cpu"),
+           "pytorch_fnet train_on_batch": lambda: model.train_on_batch(x, y)}
+    if not tr["bf16"]:
+        fns["ours (bf16_cpu true)"] = train_step_fn(build_network("fnet", p["fnet"]), x, y, True, True, "cpu")
+    reps = p["train_repeats"].get(b, 3)
+    _log(f"  peer training step b{b} x {_shape_str(p['train_patch'])}: {len(fns)} variants, interleaved")
+    res = interleave(fns, warmup, reps, "cpu")
+    theirs = res["pytorch_fnet train_on_batch"]["median"]
+    for k, r in res.items():
+        note = f"{b / r['median']:.2f} patches/s"
+        if k.startswith("pytorch_fnet"):
+            note += f"; commit {commit[:12]}; {n_peer} parameters (ours {n_ours})"
+        rows.append(_row("peer train", k, f"b{b} x {_shape_str(p['train_patch'])}", r["median"],
+                         b * int(np.prod(p["train_patch"])), theirs / r["median"], r["rss"], note + "; x = theirs/this",
+                         patches_per_s=b / r["median"]))
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+    base = {"net": "fnet", "net_kwargs": p["fnet"], "volume": list(p["sw_volume"]), "threads": threads, "device": "cpu"}
+    specs = {"ours (inference.json defaults)": dict(base, path="bundle", **_bundle_infer_defaults()),
+             "pytorch_fnet predict_piecewise": dict(base, path="peer", peer_path=path)}
+    res = {}
+    for k, spec in specs.items():
+        _log(f"  peer prediction: {k} on 1x{_shape_str(p['sw_volume'])} (child process)")
+        res[k] = _child(spec)
+    theirs = res["pytorch_fnet predict_piecewise"]["time_s"]
+    theirs_rss = res["pytorch_fnet predict_piecewise"]["peak_rss_mib"]
+    for k, r in res.items():
+        if k.startswith("ours"):
+            sp = specs[k]
+            note = (f"roi {_shape_str(sp['roi'])}, sw_batch {sp['sw_batch']}, overlap {sp['overlap']}, "
+                    f"margin {sp['margin']}, fast {sp['fast']}; peak RSS theirs/ours {theirs_rss / r['peak_rss_mib']:.2f}")
+        else:
+            note = "its own pieces (32x512x512 max, 16-voxel overlap), fp32"
+        rows.append(_row("peer predict", k, "1x" + _shape_str(p["sw_volume"]), r["time_s"], r["voxels"],
+                         theirs / r["time_s"], r["peak_rss_mib"], note + "; x = theirs/this"))
+        _log("    " + format_table(rows[-1:]).splitlines()[-1])
+
+
 # ------------------------------------------------------------------------------------- commands
 
 def run(profile: str = "auto", only: str | None = None, skip: str | None = None, threads: int | None = None,
         warmup: int = 1, device: str = "auto", out: str | None = None, compile_infer: bool | None = None,
-        compile_train: bool = False, ablation: bool = False, sw_repeats: int = 1, sizes: str | None = None) -> None:
+        compile_train: bool = False, ablation: bool = False, sw_repeats: int = 1, sizes: str | None = None,
+        peer: str | None = None) -> None:
     """Run the benchmark and print the table (``--out``: also write it as JSON).
 
     Args:
@@ -723,7 +887,7 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
             ``auto`` (``full`` when the benchmark runs on a GPU, ``small`` on a CPU, where the full sizes take
             hours on 2 cores).
         only: comma-separated sections to run (default all): fnet_train, fnet_infer, scaling, densenet2d,
-            unet3d, loader, ddp.
+            unet3d, loader, ddp, peer.
         skip: comma-separated sections to leave out.
         threads: ``torch.set_num_threads`` in this process and every child (default: PyTorch's default).
         warmup: warm-up calls before the timed in-process calls.
@@ -736,6 +900,8 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
         sw_repeats: repetitions of each F-net sliding-window inference (children, interleaved).
         sizes: volume sizes of the scaling section instead of the profile's, e.g. ``64x1024x1024``
             (ZYX, comma-separated).
+        peer: ``pytorch_fnet=<path of a checkout>``: the peer section runs pytorch_fnet's own training
+            step and ``predict_piecewise`` next to ours (skipped, with the reason in the table, without it).
     """
     import torch
 
@@ -760,14 +926,19 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
     dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
                        ("cpu" if device == "auto" else device))
     compile_infer = p["compile_infer"] if compile_infer is None else bool(compile_infer)
+    from common.fastpath import native_bf16_cpu
+
+    peers = _parse_peer(peer)  # a bad --peer fails before any work
     env = {"profile": profile, "device": str(dev), "cpu": _cpu_name(), "cpu_flags": _cpu_flags(),
+           "native_bf16_cpu": native_bf16_cpu(), "peers": {k: [v, _peer_commit(v)] for k, v in peers.items()},
            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "loadavg_start": _loadavg(), "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:])}
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
         env["gpu_peak_tflops"] = _gpu_peak(env["gpu"])
     _log(f"benchmark profile={profile} sections={','.join(sections)} device={dev} threads={env['torch_threads']} "
-         f"cpu='{env['cpu']}' ({env['cpu_flags']}) load average {env['loadavg_start']}")
+         f"cpu='{env['cpu']}' ({env['cpu_flags']}; native bf16: {env['native_bf16_cpu']}, so the fast defaults "
+         f"{'include' if env['native_bf16_cpu'] else 'leave out'} bf16 on CPU) load average {env['loadavg_start']}")
     rows: list[dict] = []
     t0 = time.perf_counter()
     reuse = None
@@ -790,6 +961,8 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
                 section_loader(p, rows, tmp, model)
             elif sec == "ddp":
                 section_ddp(p, threads, rows)
+            elif sec == "peer":
+                section_peer(p, dev, threads, rows, warmup, peers)
             _log(f"  [{sec}] took {time.perf_counter() - ts:.0f} s")
     env["loadavg_end"] = _loadavg()
     env["total_s"] = time.perf_counter() - t0
