@@ -10,7 +10,7 @@ import torch
 from common.handlers import latest_checkpoint, latest_loadable_checkpoint
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_dataset_3d
-from zoo_testing import TINY, TINY_TRAIN, run_bundle, split_manifest, train_until_checkpoint
+from zoo_testing import TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle, split_manifest
 
 B = "fnet_baseline"
 pytestmark = pytest.mark.slow
@@ -68,18 +68,10 @@ def test_resume_after_kill_continues_from_checkpoint(data, tmp_path):
               ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
     ov.update(num_epochs=1000, val_interval=1000)
     ckpt_dir = str(tmp_path / "runs" / "checkpoints")
-    last = train_until_checkpoint(B, ov, ckpt_dir, min_epoch=2)
-    assert last is not None, "no checkpoint written before the deadline"
+    p, last, state, saved_epoch = resume_after_kill(B, ov, ckpt_dir, min_epoch=2)
     L = ov["epoch_length"]
-    state = torch.load(last, weights_only=True)["trainer"]  # ignite keeps iteration and epoch_length
-    assert state["epoch_length"] == L and state["iteration"] % L == 0
-    saved_epoch = state["iteration"] // L
-    assert saved_epoch >= 2 and f"epoch={saved_epoch}" in last
-    p = run_bundle(B, "train.json", dict(ov, num_epochs=saved_epoch + 1))
-    assert f"resuming from {last}" in p.output
-    # only the one remaining epoch ran, numbered after the saved one
-    assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}, Iter: 1/{L}" in p.output
-    assert "Epoch: 1/" not in p.output
+    # ignite keeps iteration and epoch_length
+    assert state["trainer"]["epoch_length"] == L and state["trainer"]["iteration"] % L == 0
     final = torch.load(latest_loadable_checkpoint(ckpt_dir), weights_only=True)["trainer"]
     assert final["iteration"] == (saved_epoch + 1) * L
 
@@ -87,12 +79,7 @@ def test_resume_after_kill_continues_from_checkpoint(data, tmp_path):
 def test_ddp_two_cpu_processes(data, tmp_path):
     ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
               ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
-    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
-    # each of the 2 ranks runs half of the epoch's patches
-    n_patches = ov["epoch_length"] * ov["batch_size"]
-    per_rank_iters = -(-n_patches // 2 // ov["batch_size"])
-    assert f"Iter: {per_rank_iters}/{per_rank_iters}" in p.output
-    assert os.path.isfile(tmp_path / "models" / "model.pt")
+    ddp_two_cpu_processes(B, ov)  # each of the 2 ranks runs half of the epoch's patches
     assert latest_checkpoint(str(tmp_path / "runs" / "checkpoints")) is not None
 
 

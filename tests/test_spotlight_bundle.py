@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from common.io import read_image, write_ome_tiff
 from common.spotlight import OtsuStandardize, SpotlightLoss
 from common.synthetic import write_dataset_3d
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, split_manifest, train_until_checkpoint
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle, split_manifest
 
 B = "spotlight_dna"
 pytestmark = pytest.mark.slow
@@ -94,25 +94,13 @@ def test_evaluate_config_reports_metrics(trained, tmp_path):
 
 def test_resume_after_kill_continues_from_checkpoint(data, tmp_path):
     ov = dict(_ov(data, tmp_path), num_epochs=1000, val_interval=1000)
-    last = train_until_checkpoint(B, ov, str(tmp_path / "runs" / "checkpoints"), min_epoch=2)
-    assert last is not None, "no checkpoint written before the deadline"
-    L = ov["epoch_length"]
-    state = torch.load(last, weights_only=True)
-    assert set(state) >= {"network", "optimizer", "trainer"}
-    saved_epoch = state["trainer"]["iteration"] // L
-    assert saved_epoch >= 2 and f"epoch={saved_epoch}" in last
-    p = run_bundle(B, "train.json", dict(ov, num_epochs=saved_epoch + 1))
-    assert f"resuming from {last}" in p.output
-    assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}, Iter: 1/{L}" in p.output and "Epoch: 1/" not in p.output
+    resume_after_kill(B, ov, str(tmp_path / "runs" / "checkpoints"), min_epoch=2)
 
 
 def test_ddp_two_cpu_processes(data, tmp_path):
     ov = dict(_ov(data, tmp_path), val_manifest=data["train"])  # DistributedSampler: >= 1 volume per rank
-    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
-    per_rank_iters = -(-ov["epoch_length"] * ov["batch_size"] // 2 // ov["batch_size"])
-    assert f"Iter: {per_rank_iters}/{per_rank_iters}" in p.output
+    p = ddp_two_cpu_processes(B, ov)
     assert "val_fg_pearson" in p.output
-    assert os.path.isfile(tmp_path / "models" / "model.pt")
 
 
 def test_bad_input_named_before_training(data, tmp_path):

@@ -101,3 +101,38 @@ def train_until_checkpoint(bundle: str, overrides: dict, ckpt_dir: str, min_epoc
         proc.wait()
     # the kill may land in the middle of writing a newer checkpoint: resume skips such a file too
     return latest_loadable_checkpoint(ckpt_dir)
+
+
+# ------------------------------------------------------------------ the shared bundle-test scaffold
+# Every bundle's test module (tests/test_<bundle>_bundle.py) trains once (a module fixture), then checks
+# resume, DDP, evaluation, inference and bad input; the scenarios that read the same for every bundle live here.
+
+def ddp_two_cpu_processes(bundle: str, overrides: dict):
+    """``train.json`` + ``multi_gpu_train.json`` under torchrun with 2 CPU processes: each rank runs half of
+    the epoch's patches (``Iter: n/n`` with n = ceil(patches / 2 / batch)) and rank 0 writes ``model.pt``;
+    returns the CompletedProcess."""
+    p = run_bundle(bundle, ["train.json", "multi_gpu_train.json"], overrides, torchrun=2)
+    per_rank = -(-overrides["epoch_length"] * overrides["batch_size"] // 2 // overrides["batch_size"])
+    assert f"Iter: {per_rank}/{per_rank}" in p.output and f"Iter: {per_rank + 1}/" not in p.output
+    assert os.path.isfile(os.path.join(overrides["ckpt_dir"], "model.pt"))
+    return p
+
+
+def resume_after_kill(bundle: str, overrides: dict, ckpt_dir: str, min_epoch: int = 2):
+    """Kill a real ``train.json`` run (``overrides`` with a large ``num_epochs``) after its checkpoint of epoch
+    >= ``min_epoch``, then run the same command for one more epoch: it resumes from that checkpoint and
+    runs only the remaining epoch, numbered after the saved one. Returns (process, checkpoint path,
+    checkpoint state, saved epoch)."""
+    import torch
+
+    last = train_until_checkpoint(bundle, overrides, ckpt_dir, min_epoch=min_epoch)
+    assert last is not None, "no checkpoint written before the deadline"
+    L = overrides["epoch_length"]
+    state = torch.load(last, weights_only=True)
+    assert set(state) >= {"network", "optimizer", "trainer"}
+    saved_epoch = state["trainer"]["iteration"] // L
+    assert saved_epoch >= min_epoch and f"epoch={saved_epoch}" in last
+    p = run_bundle(bundle, "train.json", dict(overrides, num_epochs=saved_epoch + 1))
+    assert f"resuming from {last}" in p.output
+    assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}, Iter: 1/{L}" in p.output and "Epoch: 1/" not in p.output
+    return p, last, state, saved_epoch
