@@ -95,39 +95,27 @@ def otsu_watershed(
     restricted to the foreground; (9) removal of objects touching the image border
     (:func:`skimage.segmentation.clear_border`); (10) size filter. Deterministic.
 
-    Parameters
-    ----------
-    image : ndarray, shape (Y, X) or (Z, Y, X)
-        Fluorescence-like image (bright objects on dark background).
-    spacing : float or sequence of float, optional
-        Voxel size in micrometres (ZYX / YX order). Default: 1 per axis, i.e. all
-        physical quantities below are in voxels.
-    clahe : bool
-        Apply contrast-limited adaptive histogram equalisation first.
-    clip_limit : float
-        CLAHE clip limit (0..1).
-    min_size, max_size : float, optional
-        Keep objects with ``min_size <= volume <= max_size`` in um^3 (um^2 in 2D;
-        voxels when ``spacing`` is None).
-    min_distance_um : float
-        Radius (um) of the footprint in which a seed must be the distance maximum;
-        roughly the smallest object radius expected to be split off.
-    remove_border : bool
-        Remove objects touching the image border.
-    border_z : bool
-        In 3D, also remove objects touching the first/last z-plane (default: only
-        the lateral Y and X borders, since nuclei are routinely cut by the stack
-        ends).
-    fill_holes : bool
-        Fill enclosed holes of the foreground (:func:`scipy.ndimage.binary_fill_holes`).
-    sigma : float or sequence of float
-        Gaussian smoothing standard deviation in voxels (per axis allowed); 0 or
-        None disables it.
+    Args:
+        image (ndarray, shape (Y, X) or (Z, Y, X)): Fluorescence-like image (bright objects on dark background).
+        spacing (float or sequence of float, optional): Voxel size in micrometres (ZYX / YX order). Default: 1 per
+            axis, i.e. all physical quantities below are in voxels.
+        clahe (bool): Apply contrast-limited adaptive histogram equalisation first.
+        clip_limit (float): CLAHE clip limit (0..1).
+        min_size, max_size (float, optional): Keep objects with ``min_size <= volume <= max_size`` in um^3 (um^2 in
+            2D; voxels when ``spacing`` is None).
+        min_distance_um (float): Radius (um) of the footprint in which a seed must be the distance maximum;
+            roughly the smallest object radius expected to be split off.
+        remove_border (bool): Remove objects touching the image border.
+        border_z (bool): In 3D, also remove objects touching the first/last z-plane (default: only
+            the lateral Y and X borders, since nuclei are routinely cut by the stack
+            ends).
+        fill_holes (bool): Fill enclosed holes of the foreground (:func:`scipy.ndimage.binary_fill_holes`).
+        sigma (float or sequence of float): Gaussian smoothing standard deviation in voxels (per axis allowed); 0 or
+            None disables it.
 
-    Returns
-    -------
-    labels : ndarray of int32, same shape as ``image``
-        Instance labels 1..n, background 0. A constant image gives all zeros.
+    Returns:
+        labels (ndarray of int32, same shape as ``image``): Instance labels 1..n, background 0. A constant image gives
+            all zeros.
     """
     from skimage.exposure import equalize_adapthist
     from skimage.feature import peak_local_max
@@ -211,25 +199,18 @@ def hmaxima_watershed(distance, mask=None, h=0.5, reconstruct=False, connectivit
     ``reconstruct=True``. Caps are also larger seeds, which makes the result less
     sensitive to noise on the peak.
 
-    Parameters
-    ----------
-    distance : ndarray, shape (Y, X) or (Z, Y, X)
-        Distance map (e.g. the network's normalised distance to the object edge,
-        values in [0, 1]).
-    mask : ndarray of bool, same shape, optional
-        Foreground (e.g. thresholded predicted mask). Default ``distance > 0``.
-    h : float
-        Minimal dynamic, in units of ``distance``, for a maximum to seed an object.
-    reconstruct : bool
-        Use extended maxima of the reconstruction (see above).
-    connectivity : int
-        Neighbourhood (1 .. ndim) for the reconstruction, marker labelling and the
-        watershed.
+    Args:
+        distance (ndarray, shape (Y, X) or (Z, Y, X)): Distance map (e.g. the network's normalised distance to the
+            object edge, values in [0, 1]).
+        mask (ndarray of bool, same shape, optional): Foreground (e.g. thresholded predicted mask). Default ``distance
+            > 0``.
+        h (float): Minimal dynamic, in units of ``distance``, for a maximum to seed an object.
+        reconstruct (bool): Use extended maxima of the reconstruction (see above).
+        connectivity (int): Neighbourhood (1 .. ndim) for the reconstruction, marker labelling and the
+            watershed.
 
-    Returns
-    -------
-    labels : ndarray of int32, same shape
-        Instance labels 1..n inside ``mask``, background 0.
+    Returns:
+        labels (ndarray of int32, same shape): Instance labels 1..n inside ``mask``, background 0.
     """
     from skimage.measure import label
     from skimage.morphology import h_maxima, local_maxima, reconstruction
@@ -268,18 +249,13 @@ def hmaxima_watershed(distance, mask=None, h=0.5, reconstruct=False, connectivit
 def connected_components(binary, connectivity=1, min_size=0):
     """Label connected components of a binary image.
 
-    Parameters
-    ----------
-    binary : ndarray of bool, shape (Y, X) or (Z, Y, X) (any ndim)
-    connectivity : int
-        1 (faces) .. ndim (faces, edges and corners).
-    min_size : int
-        Drop components with fewer voxels.
+    Args:
+        binary (ndarray of bool, shape (Y, X) or (Z, Y, X) (any ndim)):
+        connectivity (int): 1 (faces) .. ndim (faces, edges and corners).
+        min_size (int): Drop components with fewer voxels.
 
-    Returns
-    -------
-    labels : ndarray of int32, same shape
-        Components numbered 1..n in raster order, background 0.
+    Returns:
+        labels (ndarray of int32, same shape): Components numbered 1..n in raster order, background 0.
     """
     from skimage.measure import label
 
@@ -303,36 +279,24 @@ def cellpose_segment(
     must be the path of a Cellpose model file (a built-in name such as
     ``"cyto3"`` would make Cellpose try to download it).
 
-    Parameters
-    ----------
-    image : ndarray, shape (Y, X), (Y, X, C), (Z, Y, X) or (Z, Y, X, C)
-        As accepted by ``cellpose.models.CellposeModel.eval``.
-    pretrained_model : str or Path
-        Path to the Cellpose weights file.
-    diameter : float, optional
-        Expected object diameter in pixels (default: the model's mean diameter).
-    channels : sequence of 2 int
-        Cellpose 3 channel convention ``[cytoplasm, nucleus]`` (0 = grayscale);
-        ignored by Cellpose >= 4.
-    do_3D : bool
-        Run Cellpose in 3D (ZYX input).
-    gpu : bool
-        Use the GPU if available.
-    **kwargs
-        Passed to ``CellposeModel.eval`` (e.g. ``flow_threshold``,
-        ``cellprob_threshold``, ``anisotropy``, ``z_axis``).
+    Args:
+        image (ndarray, shape (Y, X), (Y, X, C), (Z, Y, X) or (Z, Y, X, C)): As accepted by
+            ``cellpose.models.CellposeModel.eval``.
+        pretrained_model (str or Path): Path to the Cellpose weights file.
+        diameter (float, optional): Expected object diameter in pixels (default: the model's mean diameter).
+        channels (sequence of 2 int): Cellpose 3 channel convention ``[cytoplasm, nucleus]`` (0 = grayscale);
+            ignored by Cellpose >= 4.
+        do_3D (bool): Run Cellpose in 3D (ZYX input).
+        gpu (bool): Use the GPU if available.
+        **kwargs: Passed to ``CellposeModel.eval`` (e.g. ``flow_threshold``,
+            ``cellprob_threshold``, ``anisotropy``, ``z_axis``).
 
-    Returns
-    -------
-    labels : ndarray of int32
-        Instance masks, background 0.
+    Returns:
+        labels (ndarray of int32): Instance masks, background 0.
 
-    Raises
-    ------
-    ValueError
-        ``pretrained_model`` missing or not an existing file.
-    ImportError
-        Cellpose is not installed.
+    Raises:
+        ValueError: ``pretrained_model`` missing or not an existing file.
+        ImportError: Cellpose is not installed.
     """
     if not pretrained_model:
         raise ValueError(

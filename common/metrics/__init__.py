@@ -32,8 +32,9 @@ from common.metrics.handlers import (ForegroundPearsonMetric, ForegroundPearsonR
 from common.metrics.image import background_variability, microssim_3d, pearson_r, psnr, rescale_to_range, ssim
 from common.metrics.instances import (aggregated_jaccard_index, average_precision, dataset_average_precision,
                                       match_instances, matching, scores_from_counts)
-from common.metrics.morphology import (INTENSITY_FEATURES, SHAPE_FEATURES, feature_correlation, feature_profile_distance,
-                                       matched_feature_correlation, matched_feature_rows, object_features)
+from common.metrics.morphology import (INTENSITY_FEATURES, SHAPE_FEATURES, feature_correlation,
+                                       feature_profile_distance, matched_feature_correlation, matched_feature_rows,
+                                       object_features)
 from common.metrics.resolution import fourier_ring_correlation, frc_resolution
 from common.metrics.semantic import per_class_scores
 

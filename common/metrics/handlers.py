@@ -50,12 +50,9 @@ class PearsonMetric(CumulativeIterationMetric):
 
     or simply ``{"_target_": "common.metrics.PearsonR", ...}``.
 
-    Parameters
-    ----------
-    reduction : MetricReduction or str
-        As in MONAI (``"mean"``, ``"none"``, ...).
-    get_not_nans : bool
-        Also return the count of non-NaN values from ``aggregate``.
+    Args:
+        reduction (MetricReduction or str): As in MONAI (``"mean"``, ``"none"``, ...).
+        get_not_nans (bool): Also return the count of non-NaN values from ``aggregate``.
     """
 
     def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False) -> None:
@@ -79,15 +76,11 @@ class PearsonMetric(CumulativeIterationMetric):
 class PearsonR(IgniteMetricHandler):
     """Ignite handler computing the mean per-sample Pearson r (like ``monai.handlers.MeanDice``).
 
-    Parameters
-    ----------
-    reduction : MetricReduction or str
-        Reduction over samples (default mean).
-    output_transform : callable
-        Extracts ``(y_pred, y)`` from ``engine.state.output``, e.g.
-        ``monai.handlers.from_engine(["pred", "label"])``.
-    save_details : bool
-        Store per-sample values in ``engine.state.metric_details``.
+    Args:
+        reduction (MetricReduction or str): Reduction over samples (default mean).
+        output_transform (callable): Extracts ``(y_pred, y)`` from ``engine.state.output``, e.g.
+            ``monai.handlers.from_engine(["pred", "label"])``.
+        save_details (bool): Store per-sample values in ``engine.state.metric_details``.
     """
 
     def __init__(
@@ -212,14 +205,11 @@ class InstanceMatchingMetric(CumulativeIterationMetric):
     * ``"ap"``, ``"f1"``, ``"precision"``, ``"recall"``: at ``iou_threshold``;
     * ``"aji"``: mean over images of the aggregated Jaccard index.
 
-    Parameters
-    ----------
-    metric : str
-        One of the names above.
-    thresholds : sequence of float
-        IoU thresholds (default 0.50, 0.55, ..., 0.95).
-    iou_threshold : float
-        Threshold of ``"ap"``, ``"f1"``, ``"precision"``, ``"recall"`` (must be in ``thresholds``).
+    Args:
+        metric (str): One of the names above.
+        thresholds (sequence of float): IoU thresholds (default 0.50, 0.55, ..., 0.95).
+        iou_threshold (float): Threshold of ``"ap"``, ``"f1"``, ``"precision"``, ``"recall"`` (must be in
+            ``thresholds``).
 
     Inputs ``y_pred``, ``y``: integer label images ``(B, 1, Y, X)`` / ``(B, 1, Z, Y, X)`` or lists
     of ``(1, ...)`` (images may differ in size).

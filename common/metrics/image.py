@@ -12,26 +12,19 @@ __all__ = ["pearson_r", "psnr", "ssim", "rescale_to_range", "microssim_3d", "bac
 def pearson_r(pred, target, mask=None):
     """Pearson correlation coefficient between two images.
 
-    Parameters
-    ----------
-    pred, target : ndarray, shape (...)
-        Images of identical shape (any dimensionality).
-    mask : ndarray of bool, same shape, optional
-        Only voxels where ``mask`` is True are used (e.g. the foreground).
+    Args:
+        pred, target (ndarray, shape (...)): Images of identical shape (any dimensionality).
+        mask (ndarray of bool, same shape, optional): Only voxels where ``mask`` is True are used (e.g. the
+            foreground).
 
-    Returns
-    -------
-    r : float
-        Pearson's r in [-1, 1]. If either input is constant over the evaluated
-        voxels, r is defined as 0.0 (not NaN): a constant prediction carries no
-        linear information about the target.
+    Returns:
+        r (float): Pearson's r in [-1, 1]. If either input is constant over the evaluated
+            voxels, r is defined as 0.0 (not NaN): a constant prediction carries no
+            linear information about the target.
 
-    Raises
-    ------
-    DegenerateInputError
-        Empty mask.
-    ValueError
-        Shape mismatch.
+    Raises:
+        DegenerateInputError: Empty mask.
+        ValueError: Shape mismatch.
     """
     x, y = _pair(pred, target, mask)
     x = x.ravel()
@@ -50,31 +43,22 @@ def pearson_r(pred, target, mask=None):
 def psnr(pred, target, data_range=None, mask=None):
     """Peak signal-to-noise ratio ``10 log10(data_range**2 / MSE)`` in dB.
 
-    Parameters
-    ----------
-    pred, target : ndarray, shape (...)
-        Prediction and reference of identical shape.
-    data_range : float, optional
-        Dynamic range of the reference. Default: ``target.max() - target.min()``
-        over the whole image, also when a mask is given (so that whole-image and
-        foreground PSNR share one peak value). The Spotlight paper first maps the
-        prediction onto the target range, see :func:`rescale_to_range`.
-    mask : ndarray of bool, same shape, optional
-        MSE over the masked voxels only, i.e. ``psnr(p, t, mask=m) ==
-        skimage psnr(t[m], p[m], data_range=ptp(t))``.
+    Args:
+        pred, target (ndarray, shape (...)): Prediction and reference of identical shape.
+        data_range (float, optional): Dynamic range of the reference. Default: ``target.max() - target.min()``
+            over the whole image, also when a mask is given (so that whole-image and
+            foreground PSNR share one peak value). The Spotlight paper first maps the
+            prediction onto the target range, see :func:`rescale_to_range`.
+        mask (ndarray of bool, same shape, optional): MSE over the masked voxels only, i.e. ``psnr(p, t, mask=m) ==
+            skimage psnr(t[m], p[m], data_range=ptp(t))``.
 
-    Returns
-    -------
-    float
-        PSNR in dB; ``inf`` when the images are identical.
+    Returns:
+        float: PSNR in dB; ``inf`` when the images are identical.
 
-    Raises
-    ------
-    DegenerateInputError
-        Empty mask, or a zero data range (constant target and no explicit
-        ``data_range``).
-    ValueError
-        Shape mismatch.
+    Raises:
+        DegenerateInputError: Empty mask, or a zero data range (constant target and no explicit
+            ``data_range``).
+        ValueError: Shape mismatch.
     """
     if data_range is None:
         t = np.asarray(target)
@@ -95,39 +79,27 @@ def ssim(pred, target, data_range=None, mask=None, win_size=None, gaussian_weigh
     Wraps :func:`skimage.metrics.structural_similarity` with ``full=True`` and
     averages the local SSIM map.
 
-    Parameters
-    ----------
-    pred, target : ndarray, shape (Y, X) or (Z, Y, X)
-        Prediction and reference (single channel). Every axis must be at least
-        ``win_size`` long.
-    data_range : float, optional
-        Default: ``target.max() - target.min()`` over the whole image (the SSIM
-        constants C1, C2 are global, so the mask does not change them).
-    mask : ndarray of bool, same shape, optional
-        Average the SSIM map over ``mask`` instead of the whole image.
-    win_size : int, optional
-        Side of the sliding window (odd). Default as scikit-image: 7, or
-        ``2 int(3.5 sigma + 0.5) + 1`` (11 for sigma 1.5) with ``gaussian_weights``.
-    gaussian_weights : bool
-        Gaussian-weighted window (sigma 1.5), as Wang et al.
-    **kwargs
-        Passed to :func:`skimage.metrics.structural_similarity` (e.g. ``K1``, ``K2``).
+    Args:
+        pred, target (ndarray, shape (Y, X) or (Z, Y, X)): Prediction and reference (single channel). Every axis must
+            be at least ``win_size`` long.
+        data_range (float, optional): Default: ``target.max() - target.min()`` over the whole image (the SSIM
+            constants C1, C2 are global, so the mask does not change them).
+        mask (ndarray of bool, same shape, optional): Average the SSIM map over ``mask`` instead of the whole image.
+        win_size (int, optional): Side of the sliding window (odd). Default as scikit-image: 7, or
+            ``2 int(3.5 sigma + 0.5) + 1`` (11 for sigma 1.5) with ``gaussian_weights``.
+        gaussian_weights (bool): Gaussian-weighted window (sigma 1.5), as Wang et al.
+        **kwargs: Passed to :func:`skimage.metrics.structural_similarity` (e.g. ``K1``, ``K2``).
 
-    Returns
-    -------
-    float
-        Mean SSIM. As in scikit-image, the map is averaged only over voxels at least
-        ``(win_size - 1) // 2`` from every border (where the window fits); with a
-        mask, over the mask intersected with that interior. Hence a mask of all True
-        reproduces scikit-image's value exactly.
+    Returns:
+        float: Mean SSIM. As in scikit-image, the map is averaged only over voxels at least
+            ``(win_size - 1) // 2`` from every border (where the window fits); with a
+            mask, over the mask intersected with that interior. Hence a mask of all True
+            reproduces scikit-image's value exactly.
 
-    Raises
-    ------
-    DegenerateInputError
-        Constant target without ``data_range``, an axis shorter than ``win_size``, or
-        a mask with no voxel inside the interior.
-    ValueError
-        Shape mismatch, ndim not 2 or 3.
+    Raises:
+        DegenerateInputError: Constant target without ``data_range``, an axis shorter than ``win_size``, or
+            a mask with no voxel inside the interior.
+        ValueError: Shape mismatch, ndim not 2 or 3.
     """
     from skimage.metrics import structural_similarity
 
@@ -176,17 +148,13 @@ def rescale_to_range(pred, lo, hi):
     Used before PSNR as in the Spotlight paper: the prediction is mapped onto the
     target's range (``lo=target.min(), hi=target.max()``).
 
-    Parameters
-    ----------
-    pred : ndarray, shape (...)
-    lo, hi : float
-        Output range.
+    Args:
+        pred (ndarray, shape (...)):
+        lo, hi (float): Output range.
 
-    Returns
-    -------
-    ndarray, float64, same shape
-        ``lo + (pred - pred.min()) * (hi - lo) / (pred.max() - pred.min())``. A
-        constant ``pred`` maps to ``lo`` everywhere.
+    Returns:
+        ndarray, float64, same shape: ``lo + (pred - pred.min()) * (hi - lo) / (pred.max() - pred.min())``. A
+            constant ``pred`` maps to ``lo`` everywhere.
     """
     pred = np.asarray(pred, dtype=np.float64)
     pmin, pmax = pred.min(), pred.max()
@@ -221,34 +189,25 @@ def microssim_3d(pred, target, bg_percentile=3, **ms_ssim_kwargs):
     range-invariance factor are fitted on the whole stack, and the score is the mean
     of the per-z-slice MicroMS3IM.
 
-    Parameters
-    ----------
-    pred, target : ndarray, shape (Z, Y, X)
-    bg_percentile : int
-        Percentile taken as background offset (package default 3).
-    **ms_ssim_kwargs
-        Passed to ``torchmetrics`` ``MultiScaleStructuralSimilarityIndexMeasure``
-        (e.g. ``betas=(0.5, 0.5)`` and ``kernel_size=7`` for slices smaller than
-        176 px, which the default 5 scales with an 11-px kernel need).
+    Args:
+        pred, target (ndarray, shape (Z, Y, X)):
+        bg_percentile (int): Percentile taken as background offset (package default 3).
+        **ms_ssim_kwargs: Passed to ``torchmetrics`` ``MultiScaleStructuralSimilarityIndexMeasure``
+            (e.g. ``betas=(0.5, 0.5)`` and ``kernel_size=7`` for slices smaller than
+            176 px, which the default 5 scales with an 11-px kernel need).
 
-    Returns
-    -------
-    float
-        Mean MicroMS3IM over the z slices where the target is not constant. A slice
-        where the target is constant has no MS-SSIM (the package takes the slice's
-        range as data range, 0 there, and gives an arbitrary 0 or NaN) and is left out,
-        so blank or padded slices at the ends of a stack do not change the score.
+    Returns:
+        float: Mean MicroMS3IM over the z slices where the target is not constant. A slice
+            where the target is constant has no MS-SSIM (the package takes the slice's
+            range as data range, 0 there, and gives an arbitrary 0 or NaN) and is left out,
+            so blank or padded slices at the ends of a stack do not change the score.
 
-    Raises
-    ------
-    ImportError
-        The ``microssim`` package is not installed.
-    DegenerateInputError
-        The target is constant over the whole stack or in every slice, or a slice is
-        smaller than the MS-SSIM settings allow (the message gives the minimum and
-        settings that fit).
-    ValueError
-        Not 3D, or shape mismatch.
+    Raises:
+        ImportError: The ``microssim`` package is not installed.
+        DegenerateInputError: The target is constant over the whole stack or in every slice, or a slice is
+            smaller than the MS-SSIM settings allow (the message gives the minimum and
+            settings that fit).
+        ValueError: Not 3D, or shape mismatch.
     """
     try:
         from microssim import MicroMS3IM
@@ -292,25 +251,18 @@ def background_variability(pred, mask):
     Quantifies background noise/haze of a virtual stain (Spotlight's claim that the
     foreground-aware loss suppresses background).
 
-    Parameters
-    ----------
-    pred : ndarray, shape (...)
-    mask : ndarray of bool, same shape
-        Foreground; the statistic is computed where ``mask`` is False.
+    Args:
+        pred (ndarray, shape (...)):
+        mask (ndarray of bool, same shape): Foreground; the statistic is computed where ``mask`` is False.
 
-    Returns
-    -------
-    float
-        Population std (ddof=0) of the background voxels, in the units of ``pred``.
+    Returns:
+        float: Population std (ddof=0) of the background voxels, in the units of ``pred``.
 
-        An empty mask (no foreground) gives the std of the whole image.
+            An empty mask (no foreground) gives the std of the whole image.
 
-    Raises
-    ------
-    DegenerateInputError
-        No background voxel (the mask covers the whole image).
-    ValueError
-        Shape mismatch.
+    Raises:
+        DegenerateInputError: No background voxel (the mask covers the whole image).
+        ValueError: Shape mismatch.
     """
     pred = np.asarray(pred, dtype=np.float64)
     mask = _as_mask(mask, pred.shape)

@@ -89,23 +89,17 @@ def match_instances(gt_labels, pred_labels, return_labels=False, sparse=False):
     ``np.unique`` of pair codes when the table would be large), so it is fast for
     thousands of objects.
 
-    Parameters
-    ----------
-    gt_labels, pred_labels : ndarray of int, shape (Y, X) or (Z, Y, X)
-        Label images (0 = background). Labels need not be consecutive.
-    return_labels : bool
-        Also return the object labels indexing rows and columns.
-    sparse : bool
-        Return a ``scipy.sparse.csr_matrix`` (only overlapping pairs stored) instead
-        of a dense array.
+    Args:
+        gt_labels, pred_labels (ndarray of int, shape (Y, X) or (Z, Y, X)): Label images (0 = background). Labels need
+            not be consecutive.
+        return_labels (bool): Also return the object labels indexing rows and columns.
+        sparse (bool): Return a ``scipy.sparse.csr_matrix`` (only overlapping pairs stored) instead
+            of a dense array.
 
-    Returns
-    -------
-    iou : ndarray, shape (n_gt, n_pred)
-        ``iou[i, j] = |G_i & P_j| / |G_i | P_j|`` with rows in increasing order of
-        ground-truth label and columns in increasing order of predicted label.
-    gt_ids, pred_ids : ndarray of int, shapes (n_gt,), (n_pred,)
-        Only if ``return_labels``.
+    Returns:
+        iou (ndarray, shape (n_gt, n_pred)): ``iou[i, j] = |G_i & P_j| / |G_i | P_j|`` with rows in increasing order
+            of ground-truth label and columns in increasing order of predicted label.
+        gt_ids, pred_ids (ndarray of int, shapes (n_gt,), (n_pred,)): Only if ``return_labels``.
     """
     gt_ids, pred_ids, ga, pa, rows, cols, inter = _overlap_pairs(gt_labels, pred_labels)
     vals = inter / (ga[rows] + pa[cols] - inter)
@@ -164,23 +158,18 @@ def matching(gt, pred, thresholds=DEFAULT_IOU_THRESHOLDS):
     consecutive labels (Cellpose counts objects as ``labels.max()``; here the
     number of distinct non-zero labels).
 
-    Parameters
-    ----------
-    gt, pred : ndarray of int, shape (Y, X) or (Z, Y, X)
-        Label images (0 = background).
-    thresholds : float or sequence of float
-        IoU thresholds (default 0.50, 0.55, ..., 0.95).
+    Args:
+        gt, pred (ndarray of int, shape (Y, X) or (Z, Y, X)): Label images (0 = background).
+        thresholds (float or sequence of float): IoU thresholds (default 0.50, 0.55, ..., 0.95).
 
-    Returns
-    -------
-    dict
-        ``thresholds`` (T,); ``tp``, ``fp``, ``fn`` (T,) int; ``n_true``, ``n_pred``
-        int; ``precision`` = TP/(TP+FP), ``recall`` = TP/(TP+FN),
-        ``f1`` = 2TP/(2TP+FP+FN), ``ap`` = TP/(TP+FP+FN) (T,) float;
-        ``mean_matched_iou`` (T,) (NaN without matches); and per threshold lists
-        ``matched_gt``, ``matched_pred`` (original labels) and ``matched_iou``.
-        A ratio with a zero denominator is 1.0 when both images are empty (nothing
-        to find, nothing found) and 0.0 otherwise.
+    Returns:
+        dict: ``thresholds`` (T,); ``tp``, ``fp``, ``fn`` (T,) int; ``n_true``, ``n_pred``
+            int; ``precision`` = TP/(TP+FP), ``recall`` = TP/(TP+FN),
+            ``f1`` = 2TP/(2TP+FP+FN), ``ap`` = TP/(TP+FP+FN) (T,) float;
+            ``mean_matched_iou`` (T,) (NaN without matches); and per threshold lists
+            ``matched_gt``, ``matched_pred`` (original labels) and ``matched_iou``.
+            A ratio with a zero denominator is 1.0 when both images are empty (nothing
+            to find, nothing found) and 0.0 otherwise.
     """
     thresholds = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
     gt_ids, pred_ids, ga, pa, rows, cols, inter = _overlap_pairs(gt, pred)
@@ -224,18 +213,14 @@ def average_precision(gt_list, pred_list, thresholds=(0.5, 0.75, 0.9)):
     Same interface and values as ``cellpose.metrics.average_precision`` (for
     consecutive labels), computed with :func:`matching`.
 
-    Parameters
-    ----------
-    gt_list, pred_list : list of ndarray of int, or a single ndarray
-        Ground-truth and predicted label images (2D or 3D each).
-    thresholds : float or sequence of float
-        IoU thresholds.
+    Args:
+        gt_list, pred_list (list of ndarray of int, or a single ndarray): Ground-truth and predicted label images (2D
+            or 3D each).
+        thresholds (float or sequence of float): IoU thresholds.
 
-    Returns
-    -------
-    ap, tp, fp, fn : ndarray, shape (n_images, T), or (T,) for a single image
-        ``ap`` is float64 (1.0 for an image where both label images are empty,
-        where Cellpose would give NaN); counts are int64.
+    Returns:
+        ap, tp, fp, fn (ndarray, shape (n_images, T), or (T,) for a single image): ``ap`` is float64 (1.0 for an image
+            where both label images are empty, where Cellpose would give NaN); counts are int64.
     """
     single = not isinstance(gt_list, (list, tuple))
     if single:
@@ -262,20 +247,15 @@ def dataset_average_precision(gt_list, pred_list, thresholds=DEFAULT_IOU_THRESHO
     This weights every object equally (StarDist's ``matching_dataset``), unlike the
     mean of per-image AP, which weights every image equally.
 
-    Parameters
-    ----------
-    gt_list, pred_list : sequence of ndarray of int
-        Label images (2D or 3D each).
-    thresholds : sequence of float
-        IoU thresholds (default 0.50, 0.55, ..., 0.95).
+    Args:
+        gt_list, pred_list (sequence of ndarray of int): Label images (2D or 3D each).
+        thresholds (sequence of float): IoU thresholds (default 0.50, 0.55, ..., 0.95).
 
-    Returns
-    -------
-    dict
-        ``thresholds`` (T,); summed ``tp``, ``fp``, ``fn`` (T,);
-        ``ap`` = TP/(TP+FP+FN), ``precision``, ``recall``, ``f1`` = 2TP/(2TP+FP+FN)
-        (T,); ``mAP`` = mean of ``ap`` over thresholds; ``n_images``;
-        ``per_image_ap`` (n_images, T) for reference.
+    Returns:
+        dict: ``thresholds`` (T,); summed ``tp``, ``fp``, ``fn`` (T,);
+            ``ap`` = TP/(TP+FP+FN), ``precision``, ``recall``, ``f1`` = 2TP/(2TP+FP+FN)
+            (T,); ``mAP`` = mean of ``ap`` over thresholds; ``n_images``;
+            ``per_image_ap`` (n_images, T) for reference.
     """
     if len(gt_list) != len(pred_list):
         raise ValueError(f"got {len(gt_list)} ground-truth and {len(pred_list)} predicted images")
@@ -308,14 +288,11 @@ def aggregated_jaccard_index(gt, pred):
     without any overlapping prediction add ``|G_i|`` to ``U``; predictions never
     selected add their area to ``U``. ``AJI = C / U``.
 
-    Parameters
-    ----------
-    gt, pred : ndarray of int, shape (Y, X) or (Z, Y, X)
+    Args:
+        gt, pred (ndarray of int, shape (Y, X) or (Z, Y, X)):
 
-    Returns
-    -------
-    float
-        AJI in [0, 1]; 1.0 when both images are empty.
+    Returns:
+        float: AJI in [0, 1]; 1.0 when both images are empty.
     """
     gt_ids, pred_ids, ga, pa, rows, cols, inter = _overlap_pairs(gt, pred)
     if gt_ids.size == 0 and pred_ids.size == 0:
@@ -346,13 +323,11 @@ def scores_from_counts(tp, fp, fn):
     The convention of :func:`dataset_average_precision`: a ratio with a zero denominator is 1.0
     when nothing was there and nothing was found (all counts 0 at every threshold), else 0.0.
 
-    Parameters
-    ----------
-    tp, fp, fn : ndarray, shape (T,)
+    Args:
+        tp, fp, fn (ndarray, shape (T,)):
 
-    Returns
-    -------
-    dict of ndarray, shape (T,): ``ap``, ``precision``, ``recall``, ``f1``; and ``mAP`` (float).
+    Returns:
+        dict of ndarray, shape (T,): ``ap``, ``precision``, ``recall``, ``f1``; and ``mAP`` (float).:
     """
     tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
     empty = 1.0 if (tp.sum() + fp.sum() + fn.sum()) == 0 else 0.0

@@ -30,28 +30,22 @@ INTENSITY_FEATURES = ("intensity_mean", "intensity_std", "intensity_max", "inten
 def object_features(labels, intensity=None, spacing=(1.0, 1.0, 1.0)):
     """Per-object 3D morphology (and intensity) features.
 
-    Parameters
-    ----------
-    labels : ndarray of int, shape (Z, Y, X)
-        Instance labels (0 = background).
-    intensity : ndarray, shape (Z, Y, X), optional
-        Intensity image for the ``intensity_*`` columns.
-    spacing : sequence of 3 float
-        Voxel size (dz, dy, dx) in micrometres.
+    Args:
+        labels (ndarray of int, shape (Z, Y, X)): Instance labels (0 = background).
+        intensity (ndarray, shape (Z, Y, X), optional): Intensity image for the ``intensity_*`` columns.
+        spacing (sequence of 3 float): Voxel size (dz, dy, dx) in micrometres.
 
-    Returns
-    -------
-    pandas.DataFrame
-        One row per object with columns ``label``; ``centroid_z/y/x`` (um);
-        ``volume`` (um^3, voxel count x voxel volume); ``surface_area`` (um^2, area
-        of the marching-cubes mesh at level 0.5 of the zero-padded binary object,
-        :func:`skimage.measure.marching_cubes` + ``mesh_surface_area``, with
-        ``spacing``); ``sphericity`` = pi^(1/3) (6 V)^(2/3) / A (1 for a sphere);
-        ``axis_major/medium/minor_length`` (um, full lengths of the ellipsoid with
-        the same second moments: ``sqrt(10 (l_j + l_k - l_i))`` from the
-        eigenvalues l of regionprops' spacing-aware inertia tensor); ``extent``
-        (volume / bounding-box volume); ``solidity`` (volume / convex-hull volume);
-        and with ``intensity``: ``intensity_mean/std/max/min``.
+    Returns:
+        pandas.DataFrame: One row per object with columns ``label``; ``centroid_z/y/x`` (um);
+            ``volume`` (um^3, voxel count x voxel volume); ``surface_area`` (um^2, area
+            of the marching-cubes mesh at level 0.5 of the zero-padded binary object,
+            :func:`skimage.measure.marching_cubes` + ``mesh_surface_area``, with
+            ``spacing``); ``sphericity`` = pi^(1/3) (6 V)^(2/3) / A (1 for a sphere);
+            ``axis_major/medium/minor_length`` (um, full lengths of the ellipsoid with
+            the same second moments: ``sqrt(10 (l_j + l_k - l_i))`` from the
+            eigenvalues l of regionprops' spacing-aware inertia tensor); ``extent``
+            (volume / bounding-box volume); ``solidity`` (volume / convex-hull volume);
+            and with ``intensity``: ``intensity_mean/std/max/min``.
     """
     import pandas as pd
     from skimage import measure
@@ -125,25 +119,18 @@ def feature_profile_distance(feats_a, feats_b, features=None, reference=None):
     the cosine is sensitive to noise; pass a separate control population as
     ``reference`` for a stable profile comparison.
 
-    Parameters
-    ----------
-    feats_a, feats_b : pandas.DataFrame (or dict of 1D arrays)
-        Outputs of :func:`object_features`.
-    features : sequence of str, optional
-        Columns to use (default: all shape and intensity features present in both).
-    reference : DataFrame, optional
-        Population providing the z-score statistics (default ``feats_a``).
+    Args:
+        feats_a, feats_b (pandas.DataFrame (or dict of 1D arrays)): Outputs of :func:`object_features`.
+        features (sequence of str, optional): Columns to use (default: all shape and intensity features present in
+            both).
+        reference (DataFrame, optional): Population providing the z-score statistics (default ``feats_a``).
 
-    Returns
-    -------
-    float
-        Cosine distance in [0, 2]; 0.0 if both profiles are the zero vector, 1.0 if
-        exactly one is. Features with zero std in the reference are only centred.
+    Returns:
+        float: Cosine distance in [0, 2]; 0.0 if both profiles are the zero vector, 1.0 if
+            exactly one is. Features with zero std in the reference are only centred.
 
-    Raises
-    ------
-    DegenerateInputError
-        A population without any object.
+    Raises:
+        DegenerateInputError: A population without any object.
     """
     import pandas as pd
 

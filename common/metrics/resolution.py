@@ -14,43 +14,32 @@ def fourier_ring_correlation(a, b, spacing=1.0, n_bins=None, window="hann"):
 
     ``FRC(k) = Re sum_{|f| in bin k} A(f) B*(f) / sqrt(sum |A|^2 sum |B|^2)``
 
-    Parameters
-    ----------
-    a, b : ndarray, shape (Y, X) or (Z, Y, X)
-        Two images of the same field (e.g. two independent acquisitions, or
-        prediction vs target).
-    spacing : float or sequence of float
-        Voxel size in micrometres (per axis, ZYX order).
-    n_bins : int, optional
-        Number of rings/shells. Bins are isotropic in *physical* frequency: equal
-        width intervals of ``|f| = sqrt(sum_i f_i^2)`` (cycles/um) from 0 up to
-        ``f_max = min_i 1 / (2 spacing_i)`` (the smallest Nyquist frequency, so every
-        shell is fully sampled along every axis). Default:
-        ``floor(f_max / df)`` with ``df = max_i 1 / (n_i spacing_i)``, the coarsest
-        frequency step, so that no bin is empty. Frequencies above ``f_max`` (the
-        corners) are ignored.
-    window : {"hann", "tukey", None} or str
-        Apodisation applied to both images before the FFT
-        (:func:`skimage.filters.window`) to suppress the edge cross in the spectrum,
-        which would otherwise correlate between ``a`` and ``b``.
+    Args:
+        a, b (ndarray, shape (Y, X) or (Z, Y, X)): Two images of the same field (e.g. two independent acquisitions, or
+            prediction vs target).
+        spacing (float or sequence of float): Voxel size in micrometres (per axis, ZYX order).
+        n_bins (int, optional): Number of rings/shells. Bins are isotropic in *physical* frequency: equal
+            width intervals of ``|f| = sqrt(sum_i f_i^2)`` (cycles/um) from 0 up to
+            ``f_max = min_i 1 / (2 spacing_i)`` (the smallest Nyquist frequency, so every
+            shell is fully sampled along every axis). Default:
+            ``floor(f_max / df)`` with ``df = max_i 1 / (n_i spacing_i)``, the coarsest
+            frequency step, so that no bin is empty. Frequencies above ``f_max`` (the
+            corners) are ignored.
+        window ({"hann", "tukey", None} or str): Apodisation applied to both images before the FFT
+            (:func:`skimage.filters.window`) to suppress the edge cross in the spectrum,
+            which would otherwise correlate between ``a`` and ``b``.
 
-    Returns
-    -------
-    freqs : ndarray, shape (n_bins,)
-        Bin centres in 1/um.
-    frc : ndarray, shape (n_bins,)
-        Correlation in [-1, 1]; 0 where a bin has no energy in ``a`` or ``b``.
+    Returns:
+        freqs (ndarray, shape (n_bins,)): Bin centres in 1/um.
+        frc (ndarray, shape (n_bins,)): Correlation in [-1, 1]; 0 where a bin has no energy in ``a`` or ``b``.
 
-    Raises
-    ------
-    DegenerateInputError
-        ``a`` or ``b`` is constant (all zero included): it has no structure to correlate,
-        and after apodisation its spectrum is the window's, so any curve would be an
-        artefact. A constant *prediction* has resolved nothing; callers that compare
-        models report that as an infinitely coarse resolution (see
-        :func:`common.spotlight.evaluation.pixel_metrics`).
-    ValueError
-        Shape mismatch, ndim not 2 or 3.
+    Raises:
+        DegenerateInputError: ``a`` or ``b`` is constant (all zero included): it has no structure to correlate,
+            and after apodisation its spectrum is the window's, so any curve would be an
+            artefact. A constant *prediction* has resolved nothing; callers that compare
+            models report that as an infinitely coarse resolution (see
+            :func:`common.spotlight.evaluation.pixel_metrics`).
+        ValueError: Shape mismatch, ndim not 2 or 3.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -112,32 +101,23 @@ def fourier_ring_correlation(a, b, spacing=1.0, n_bins=None, window="hann"):
 def frc_resolution(freqs, curve, threshold=1.0 / 7.0):
     """Resolution (um) where an FRC/FSC curve first drops below ``threshold``.
 
-    Parameters
-    ----------
-    freqs : ndarray, shape (n,)
-        Increasing frequencies in 1/um (from :func:`fourier_ring_correlation`).
-    curve : ndarray, shape (n,)
-        FRC values.
-    threshold : float
-        Fixed threshold (1/7 ~ 0.143 by default).
+    Args:
+        freqs (ndarray, shape (n,)): Increasing frequencies in 1/um (from :func:`fourier_ring_correlation`).
+        curve (ndarray, shape (n,)): FRC values.
+        threshold (float): Fixed threshold (1/7 ~ 0.143 by default).
 
-    Returns
-    -------
-    float
-        ``1 / f_c`` in um, where ``f_c`` is the first crossing, linearly interpolated
-        between the last bin above and the first bin below the threshold. The first
-        bin (which holds the zero frequency) is skipped. If the curve never drops
-        below the threshold the resolution is limited by sampling and
-        ``1 / freqs[-1]`` is returned; if it is already below at the second bin,
-        ``1 / freqs[1]``.
+    Returns:
+        float: ``1 / f_c`` in um, where ``f_c`` is the first crossing, linearly interpolated
+            between the last bin above and the first bin below the threshold. The first
+            bin (which holds the zero frequency) is skipped. If the curve never drops
+            below the threshold the resolution is limited by sampling and
+            ``1 / freqs[-1]`` is returned; if it is already below at the second bin,
+            ``1 / freqs[1]``.
 
-    Raises
-    ------
-    DegenerateInputError
-        The curve has NaN/inf values, or is 0 in every bin (no energy anywhere: the
-        curve of two blank images), or the frequencies are not positive and increasing.
-    ValueError
-        Shapes.
+    Raises:
+        DegenerateInputError: The curve has NaN/inf values, or is 0 in every bin (no energy anywhere: the
+            curve of two blank images), or the frequencies are not positive and increasing.
+        ValueError: Shapes.
     """
     freqs = np.asarray(freqs, dtype=np.float64)
     curve = np.asarray(curve, dtype=np.float64)

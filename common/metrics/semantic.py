@@ -12,23 +12,17 @@ __all__ = ["per_class_scores"]
 def per_class_scores(gt_sem, pred_sem, n_classes, zero_division=np.nan):
     """Per-class precision, recall, F1 (Dice) and IoU of semantic label maps.
 
-    Parameters
-    ----------
-    gt_sem, pred_sem : ndarray of int, shape (...)
-        Class index per voxel, values in ``0 .. n_classes - 1``.
-    n_classes : int
-    zero_division : float
-        Value for a score whose denominator is 0 (class absent from both images for
-        F1/IoU, absent from the prediction for precision, from the ground truth for
-        recall). Default NaN, so that ``np.nanmean`` skips absent classes.
+    Args:
+        gt_sem, pred_sem (ndarray of int, shape (...)): Class index per voxel, values in ``0 .. n_classes - 1``.
+        n_classes (int):
+        zero_division (float): Value for a score whose denominator is 0 (class absent from both images for
+            F1/IoU, absent from the prediction for precision, from the ground truth for
+            recall). Default NaN, so that ``np.nanmean`` skips absent classes.
 
-    Returns
-    -------
-    dict of ndarray, each shape (n_classes,) unless noted
-        ``precision`` TP/(TP+FP), ``recall`` TP/(TP+FN), ``f1`` 2TP/(2TP+FP+FN),
-        ``iou`` TP/(TP+FP+FN), ``support`` (ground-truth voxel count),
-        ``confusion`` (n_classes, n_classes) with rows = ground truth, columns =
-        prediction.
+    Returns:
+        dict of ndarray, each shape (n_classes,) unless noted: ``precision`` TP/(TP+FP), ``recall`` TP/(TP+FN), ``f1``
+            2TP/(2TP+FP+FN), ``iou`` TP/(TP+FP+FN), ``support`` (ground-truth voxel count), ``confusion`` (n_classes,
+            n_classes) with rows = ground truth, columns = prediction.
     """
     gt_sem = np.asarray(gt_sem)
     pred_sem = np.asarray(pred_sem)
