@@ -1,5 +1,9 @@
-"""Shared code of the label-free microscopy bundle zoo: io, transforms, losses, networks, metrics,
-segmentation, synthetic phantoms and data manifests. Imported by every bundle as ``common``.
+"""Shared code of the label-free microscopy bundle zoo, imported by every bundle as ``common``.
+
+A generic layer (``io``, ``data``, ``transforms``, ``losses``, ``segmentation``, ``metrics/``,
+``networks/``, ``handlers``, ``report``, ``synthetic/``, ...) and one package per method beside it
+(``spotlight/``, ``isl/``, ``fucci/``). Method packages import the generic layer, never each
+other; the generic layer never imports a method package.
 
 ``import common`` is cheap: submodules load on first use (``common.cli.as_bool`` works after a
 plain ``import common``, as bundle configs write it), so a command's first line is not held up by

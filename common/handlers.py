@@ -1,5 +1,7 @@
-"""Ignite handlers shared by the bundles: atomic checkpoints, resuming an interrupted training,
-and named errors when a checkpoint does not fit the configured network."""
+"""Ignite handlers shared by the bundles: atomic checkpoints, resuming, checkpoints checked against the network.
+
+Resuming an interrupted training, and named errors when a checkpoint does not fit the configured network.
+"""
 
 from __future__ import annotations
 

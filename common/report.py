@@ -1,5 +1,7 @@
-"""Figures and tables for reports: orthogonal max-projections with a mid z-slice, scale and colour bars,
-outlines; bar plots that show n; Markdown tables.
+"""Figures and tables for reports, written atomically: max-projections, bar plots that show n, Markdown tables.
+
+Orthogonal max-projections with a mid z-slice, scale and colour bars, outlines; bar plots that
+show n; Markdown tables.
 
 All figures are written atomically (temporary file + rename) with matplotlib's Agg backend.
 """

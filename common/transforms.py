@@ -1,7 +1,11 @@
-"""Intensity normalisation, resampling and patch helpers for microscopy volumes.
+"""Generic transforms: z-score, resampling, foreground masks and patches, instance-label reading.
 
 Array transforms take channel-first arrays or tensors (``CZYX`` / ``CYX``) and return the same
-type; each has a dictionary twin (``Food``). MONAI's own transforms are used where they do the
+type; each has a dictionary twin (``Xd`` for ``X``). Sections: z-score normalisation
+(:class:`ZScoreNormalize`) and resampling (:class:`ResampleToSpacingd`); foreground
+(:func:`otsu_threshold`, :class:`ForegroundMask`, :class:`RandForegroundPatchd`); instance label
+images (:func:`as_instance_labels`). Method-specific transforms live in their packages
+(``common.spotlight``, ``common.isl``, ``common.fucci``). MONAI's own transforms are used where they do the
 job (``Spacingd`` for resampling, ``DivisiblePadd`` / ``SpatialPadd`` for padding,
 ``RandSpatialCropd`` for uniform random patches); what is here is what MONAI lacks.
 """
