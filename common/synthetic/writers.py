@@ -26,6 +26,37 @@ def _as_uint16_labels(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint16)
 
 
+def _labels(key: str):
+    return lambda d: _as_uint16_labels(d[key])
+
+
+def _write_dataset(out_dir, n: int, make, columns: Sequence[str], files: Sequence[tuple], extra=None) -> str:
+    """Write ``n`` phantoms ``make(i)`` and their manifest; returns the manifest path.
+
+    Args:
+        out_dir: the folder (created).
+        n: how many phantoms.
+        make: ``i -> dict`` of arrays with ``spacing_um``.
+        columns: the manifest header, one column per written file.
+        files: per OME-TIFF ``(stem, key or function of the dict, axes)``; written as ``{stem}_{i:02d}.ome.tif``.
+        extra: optional ``(out_dir, i, d) -> [names]`` writing more files per phantom.
+    """
+    from common.io import write_ome_tiff
+
+    out_dir = str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for i in range(int(n)):
+        d = make(i)
+        names = []
+        for stem, get, axes in files:
+            names.append(f"{stem}_{i:02d}.ome.tif")
+            arr = get(d) if callable(get) else d[get]
+            write_ome_tiff(os.path.join(out_dir, names[-1]), arr, axes, d["spacing_um"])
+        rows.append(names + (list(extra(out_dir, i, d)) if extra else []))
+    return _write_manifest(os.path.join(out_dir, "manifest.csv"), columns, rows)
+
+
 def write_dataset_3d(out_dir: str | os.PathLike, n_volumes: int = 4, shape: Sequence[int] = (32, 128, 128),
                      seed: int = 0, spacing_um: Sequence[float] = (0.29, 0.29, 0.29), **params) -> str:
     """Write :func:`make_cell_field_3d` volumes as OME-TIFF plus a ``manifest.csv``.
@@ -38,19 +69,11 @@ def write_dataset_3d(out_dir: str | os.PathLike, n_volumes: int = 4, shape: Sequ
     Returns:
         the manifest path.
     """
-    from common.io import write_ome_tiff
-
-    out_dir = str(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    for i in range(int(n_volumes)):
-        d = make_cell_field_3d(shape=shape, spacing_um=spacing_um, seed=seed + i, **params)
-        names = (f"signal_{i:02d}.ome.tif", f"target_{i:02d}.ome.tif", f"labels_{i:02d}.ome.tif")
-        write_ome_tiff(os.path.join(out_dir, names[0]), d["signal"], "ZYX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[1]), d["target"], "ZYX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[2]), _as_uint16_labels(d["labels"]), "ZYX", d["spacing_um"])
-        rows.append(names)
-    return _write_manifest(os.path.join(out_dir, "manifest.csv"), ["path_signal", "path_target", "path_label"], rows)
+    return _write_dataset(out_dir, n_volumes, lambda i: make_cell_field_3d(shape=shape, spacing_um=spacing_um,
+                                                                           seed=seed + i, **params),
+                          ["path_signal", "path_target", "path_label"],
+                          [("signal", "signal", "ZYX"), ("target", "target", "ZYX"),
+                           ("labels", _labels("labels"), "ZYX")])
 
 
 def write_dataset_2d_isl(out_dir: str | os.PathLike, n_images: int = 4, shape: Sequence[int] = (256, 256),
@@ -66,23 +89,11 @@ def write_dataset_2d_isl(out_dir: str | os.PathLike, n_images: int = 4, shape: S
     Returns:
         the manifest path.
     """
-    from common.io import write_ome_tiff
-
-    out_dir = str(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    for i in range(int(n_images)):
-        d = make_isl_2d(shape=shape, seed=seed + i, **params)
-        sig = np.concatenate([d["brightfield"], d["phase"][None]], 0)
-        names = (f"brightfield_{i:02d}.ome.tif", f"dapi_{i:02d}.ome.tif", f"nuclei_{i:02d}.ome.tif",
-                 f"cells_{i:02d}.ome.tif")
-        write_ome_tiff(os.path.join(out_dir, names[0]), sig, "CYX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[1]), d["dapi"], "YX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[2]), _as_uint16_labels(d["nuclei"]), "YX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[3]), _as_uint16_labels(d["cells"]), "YX", d["spacing_um"])
-        rows.append(names)
-    return _write_manifest(os.path.join(out_dir, "manifest.csv"),
-                           ["path_signal", "path_target", "path_label", "path_cells"], rows)
+    return _write_dataset(out_dir, n_images, lambda i: make_isl_2d(shape=shape, seed=seed + i, **params),
+                          ["path_signal", "path_target", "path_label", "path_cells"],
+                          [("brightfield", lambda d: np.concatenate([d["brightfield"], d["phase"][None]], 0), "CYX"),
+                           ("dapi", "dapi", "YX"), ("nuclei", _labels("nuclei"), "YX"),
+                           ("cells", _labels("cells"), "YX")])
 
 
 def write_dataset_2d_dic(out_dir: str | os.PathLike, n_images: int = 4, shape: Sequence[int] = (256, 256),
@@ -96,19 +107,10 @@ def write_dataset_2d_dic(out_dir: str | os.PathLike, n_images: int = 4, shape: S
     Returns:
         the manifest path.
     """
-    from common.io import write_ome_tiff
-
-    out_dir = str(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    for i in range(int(n_images)):
-        d = make_dic_membrane_2d(shape=shape, seed=seed + i, n_planes=n_planes, **params)
-        names = (f"dic_{i:02d}.ome.tif", f"membrane_{i:02d}.ome.tif", f"cells_{i:02d}.ome.tif")
-        write_ome_tiff(os.path.join(out_dir, names[0]), d["dic"], "CYX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[1]), d["membrane"], "YX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[2]), _as_uint16_labels(d["cells"]), "YX", d["spacing_um"])
-        rows.append(names)
-    return _write_manifest(os.path.join(out_dir, "manifest.csv"), ["path_signal", "path_target", "path_label"], rows)
+    return _write_dataset(out_dir, n_images,
+                          lambda i: make_dic_membrane_2d(shape=shape, seed=seed + i, n_planes=n_planes, **params),
+                          ["path_signal", "path_target", "path_label"],
+                          [("dic", "dic", "CYX"), ("membrane", "membrane", "YX"), ("cells", _labels("cells"), "YX")])
 
 
 def write_fucci_dataset(out_dir: str | os.PathLike, n_spheroids: int = 4, shape: Sequence[int] = (24, 128, 128),
@@ -123,17 +125,14 @@ def write_fucci_dataset(out_dir: str | os.PathLike, n_spheroids: int = 4, shape:
     Returns:
         the manifest path.
     """
-    from common.io import write_ome_tiff
 
-    out_dir = str(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    rows = []
-    for i in range(int(n_spheroids)):
-        d = make_fucci_spheroid(shape=shape, n_nuclei=n_nuclei, spacing_um=spacing_um, seed=seed + i, **params)
-        names = (f"image_{i:02d}.ome.tif", f"labels_{i:02d}.ome.tif", f"phases_{i:02d}.csv")
-        write_ome_tiff(os.path.join(out_dir, names[0]), d["image"], "CZYX", d["spacing_um"])
-        write_ome_tiff(os.path.join(out_dir, names[1]), _as_uint16_labels(d["labels"]), "ZYX", d["spacing_um"])
-        _write_manifest(os.path.join(out_dir, names[2]), ["label", "phase"],
-                        [(lab, ph) for lab, ph in sorted(d["phases"].items())])
-        rows.append(names)
-    return _write_manifest(os.path.join(out_dir, "manifest.csv"), ["path_image", "path_label", "path_phases"], rows)
+    def phases(out_dir, i, d):
+        name = f"phases_{i:02d}.csv"
+        _write_manifest(os.path.join(out_dir, name), ["label", "phase"], sorted(d["phases"].items()))
+        return [name]
+
+    return _write_dataset(out_dir, n_spheroids, lambda i: make_fucci_spheroid(shape=shape, n_nuclei=n_nuclei,
+                                                                              spacing_um=spacing_um, seed=seed + i,
+                                                                              **params),
+                          ["path_image", "path_label", "path_phases"],
+                          [("image", "image", "CZYX"), ("labels", _labels("labels"), "ZYX")], extra=phases)
