@@ -24,6 +24,7 @@ from monai.transforms import MapTransform, NormalizeIntensity, Spacingd, Transfo
 from monai.utils import TraceKeys, convert_to_dst_type
 
 __all__ = [
+    "DictTwin",
     "ZScoreNormalize",
     "ZScoreNormalized",
     "ResampleToSpacingd",
@@ -85,19 +86,25 @@ class ZScoreNormalize(Transform):
         return np.stack(out).astype(np.float32)
 
 
-class ZScoreNormalized(MapTransform):
-    """Dictionary version of :class:`ZScoreNormalize`."""
+class DictTwin(MapTransform):
+    """Dictionary twin of an array transform: ``self.t`` (set by the subclass) applied to every key in place."""
 
-    def __init__(self, keys: KeysCollection, mode: str = "whole", n_slices: int = 32,
-                 allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.t = ZScoreNormalize(mode, n_slices)
+    t: Transform
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for k in self.key_iterator(d):
             d[k] = self.t(d[k])
         return d
+
+
+class ZScoreNormalized(DictTwin):
+    """Dictionary version of :class:`ZScoreNormalize`."""
+
+    def __init__(self, keys: KeysCollection, mode: str = "whole", n_slices: int = 32,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.t = ZScoreNormalize(mode, n_slices)
 
 
 class ResampleToSpacingd(Spacingd):

@@ -10,13 +10,13 @@ check and the switch.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, MedianSmooth, ThresholdIntensity, Transform
+from monai.transforms import MedianSmooth, ThresholdIntensity, Transform
 
-from common.transforms import _channels_np, _like
+from common.transforms import DictTwin, _channels_np, _like
 
 __all__ = ["BackgroundThreshold", "BackgroundThresholdd", "GammaCorrection", "GammaCorrectiond", "CLAHE", "CLAHEd",
            "MedianFilter", "MedianFilterd", "TopHatRemoval", "TopHatRemovald"]
@@ -38,20 +38,14 @@ def _per_channel(img, fn, name: str, check_range: bool = True):
     return _like(img, np.clip(out, 0.0, 1.0).astype(np.float32, copy=False))
 
 
-class _PerChannelDict(MapTransform):
-    """Dictionary twin of a per-channel array transform (``transform`` applied to every key)."""
+class _PerChannelDict(DictTwin):
+    """Dictionary twin of a per-channel array transform (``array_cls(**kwargs)`` applied to every key)."""
 
     array_cls: type = Transform
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs):
         super().__init__(keys, allow_missing_keys)
         self.t = self.array_cls(**kwargs)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for k in self.key_iterator(d):
-            d[k] = self.t(d[k])
-        return d
 
 
 class BackgroundThreshold(Transform):

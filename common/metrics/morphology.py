@@ -199,13 +199,7 @@ def feature_correlation(rows_a, rows_b, features=None) -> dict:
 def matched_feature_correlation(feats_gt, feats_pred, gt_labels, pred_labels, features=None, iou_threshold=0.5):
     """Per-feature Pearson r between ground-truth and predicted objects matched by IoU.
 
-    Args:
-        feats_gt: :func:`object_features` table of ``gt_labels`` (column ``label``).
-        feats_pred: the same of ``pred_labels``.
-        gt_labels: the ground-truth label image the features were measured on.
-        pred_labels: the predicted label image.
-        features: columns to correlate (default: shape and intensity features present in both).
-        iou_threshold: matching threshold.
+    The arguments are those of :func:`matched_feature_rows`.
 
     Returns:
         dict: ``{feature: r}`` (:func:`feature_correlation` of :func:`matched_feature_rows`) plus ``"n_matched"``.

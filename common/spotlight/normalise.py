@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import Transform
 
-from common.transforms import _channels_np, _like, otsu_threshold
+from common.transforms import DictTwin, _channels_np, _like, otsu_threshold
 
 __all__ = ["OtsuStandardize", "OtsuStandardized", "NoForegroundError", "check_foreground"]
 
@@ -52,18 +52,12 @@ class OtsuStandardize(Transform):
         return res
 
 
-class OtsuStandardized(MapTransform):
+class OtsuStandardized(DictTwin):
     """Dictionary version of :class:`OtsuStandardize`."""
 
     def __init__(self, keys: KeysCollection, nbins: int = 256, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.t = OtsuStandardize(nbins)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for k in self.key_iterator(d):
-            d[k] = self.t(d[k])
-        return d
 
 
 class NoForegroundError(ValueError):
