@@ -21,7 +21,8 @@ for _f in sorted(os.listdir(_TINY_DIR)):
 
 
 def env():
-    """The environment of a zoo subprocess (this checkout importable; OMP_NUM_THREADS defaults to 2)."""
+    """The environment of a zoo subprocess (this checkout importable; OMP_NUM_THREADS defaults to 2, to
+    cpus // workers under pytest-xdist: tests/conftest.py)."""
     return runner.subprocess_env()
 
 
