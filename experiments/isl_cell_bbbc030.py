@@ -1,7 +1,7 @@
 """Few-shot benchmark of the isl_cell_instance bundle on BBBC030: from scratch vs ISL-pretrained.
 
-    python scripts/benchmark_isl_cell.py --out_dir benchmarks/isl_cell_instance \\
-        --docs_dir bundles/isl_cell_instance/docs          # ~20 min on 2 busy CPU cores
+    python -m experiments.isl_cell_bbbc030 --out_dir benchmarks/isl_cell_instance --seeds 3 \\
+        --docs_dir bundles/isl_cell_instance/docs          # ~20 min per seed on 2 busy CPU cores
 
 Everything runs through the bundle's own configs with ``python -m monai.bundle run`` (the commands a
 user types), with the CPU overrides below, one thread per process:
@@ -21,8 +21,12 @@ user types), with the CPU overrides below, one thread per process:
    summed over all 20 images, AP = TP / (TP + FP + FN) at IoU 0.50:0.05:0.95, mAP their mean), F1 at
    IoU 0.5 and the mean aggregated Jaccard index.
 
-Outputs in ``out_dir``: ``results.json``, ``results.md`` (table), ``ap_vs_shots.png``, ``logs/`` (one
-log per bundle run); with ``docs_dir`` the table and figure are also copied there.
+Every seed draws its own few-shot training sets, synthetic stage-0 images and initialisation
+(``out_dir/seed_<n>/``); the table gives mean ± sd over the seeds.
+
+Outputs in ``out_dir``: ``results.json``, ``results.md`` (table), ``ap_vs_shots.png``, per seed
+``seed_<n>/`` (its own ``results.json``, ``results.md`` and ``logs/``, one log per bundle run); with
+``docs_dir`` the table and figure are also copied there.
 """
 
 from __future__ import annotations
@@ -30,17 +34,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, ROOT)
+from experiments.runner import bundle_dir, run_subprocess
 
-BUNDLE = os.path.join(ROOT, "bundles", "isl_cell_instance")
+BUNDLE = bundle_dir("isl_cell_instance")
 
 #: the reduced network of the CPU benchmark: DenseNet-121's layer layout (blocks 6-12-24-16) at a quarter of its width
 CPU_NETWORK = {
@@ -51,31 +52,11 @@ CPU_NETWORK = {
 NETWORKS = {"cpu": CPU_NETWORK, "paper": {}}  # "paper": the config's DenseNet-121 U-Net
 
 
-def _env(threads: int) -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        e[k] = str(threads)
-    return e
-
-
 def _bundle_run(configs, overrides: dict, log_path: str, threads: int) -> float:
-    """``python -m monai.bundle run`` with overrides; raises with the log's tail on failure; returns seconds."""
-    cfg = [os.path.join(BUNDLE, "configs", c) for c in configs]
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", cfg[0] if len(cfg) == 1 else json.dumps(cfg),
-            "--logging_file", os.path.join(BUNDLE, "configs", "logging.conf")]
-    for k, v in dict({"bundle_root": BUNDLE}, **overrides).items():
-        args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    """``python -m monai.bundle run`` with overrides (:func:`experiments.runner.run_subprocess`, output
+    streamed to ``log_path``); raises :class:`experiments.runner.BundleRunError` on failure; returns seconds."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        log.write(" ".join(args) + "\n\n")
-        log.flush()
-        p = subprocess.run(args, cwd=BUNDLE, env=_env(threads), stdout=log, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
-        tail = open(log_path).read()[-3000:]
-        raise RuntimeError(f"bundle run failed ({p.returncode}), log {log_path}:\n{tail}")
-    return time.time() - t0
+    return run_subprocess(BUNDLE, list(configs), overrides, timeout=None, threads=threads, log=log_path).seconds
 
 
 def _spec_key(name: str, *specs: dict) -> str:
@@ -180,11 +161,12 @@ def _write_text(path: str, text: str) -> str:
     return path
 
 
-def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsample: int = 2,
-         iterations: int = 120, pretrain_iterations: int = 150, batch_size: int = 4, patch: int = 128,
-         learning_rate: float = 0.003, n_synthetic: int = 12, threads: int = 1, docs_dir: str | None = None,
-         seed: int = 0, inference_roi=(544, 704), min_object_size: int = 50, network: str = "cpu") -> None:
-    """Run the benchmark described in the module docstring (results in ``out_dir``).
+def run_seed(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsample: int = 2,
+             iterations: int = 120, pretrain_iterations: int = 150, batch_size: int = 4, patch: int = 128,
+             learning_rate: float = 0.003, n_synthetic: int = 12, threads: int = 1, seed: int = 0,
+             inference_roi=(544, 704), min_object_size: int = 50, network: str = "cpu") -> dict:
+    """Run the benchmark described in the module docstring for one seed (results in ``out_dir``);
+    returns the content of its ``results.json``.
 
     ``inference_roi`` is the sliding-window size of the test inference; the default holds a whole 2x
     downsampled BBBC030 image (516 x 688) in one window. ``min_object_size`` (pixels at the
@@ -204,11 +186,9 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
     import torch
 
     torch.set_num_threads(int(threads))
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from prepare_bbbc030 import prepare
-
     from common.report import markdown_table, write_json
     from common.synthetic import write_dataset_2d_dic
+    from scripts.prepare_bbbc030 import prepare
 
     out_dir = os.path.abspath(out_dir)
     logs = os.path.join(out_dir, "logs")
@@ -283,7 +263,7 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
         "network": net, "n_synthetic": n_synthetic, "shots": shots, "seed": seed,
         "inference_roi": [int(v) for v in inference_roi], "min_object_size": int(min_object_size),
         "stage0_val_pearson": pearson[-1] if pearson else None,
-        "command": "python scripts/benchmark_isl_cell.py " + " ".join(sys.argv[1:]),
+        "command": "python -m experiments.isl_cell_bbbc030 " + " ".join(sys.argv[1:]),
     }
     out = {"setup": setup, "timings_s": timings, "results": results}
     write_json(os.path.join(out_dir, "results.json"), out)
@@ -292,17 +272,58 @@ def main(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", downsamp
              "predicted / true cells": f"{r['n_pred']} / {r['n_true']}", "train s": r["train_s"]} for r in results]
     table = markdown_table(rows)
     _write_text(os.path.join(out_dir, "results.md"), table)
-    title = (f"BBBC030 test set (20 images, {downsample}x downsampled); {per_epoch * 3} iterations x {batch_size} "
-             f"patches of {patch}^2 per model")
-    fig = _figure(results, os.path.join(out_dir, "ap_vs_shots.png"), title)
+    step(f"done in {timings['total_s'] / 60:.1f} min; results in {out_dir}")
+    print(table)
+    return out
+
+
+def _mean_sd(values) -> str:
+    v = np.asarray(values, np.float64)
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def main(out_dir: str = "benchmarks/isl_cell_instance", seeds=1, docs_dir: str | None = None, **kwargs) -> None:
+    """:func:`run_seed` once per seed (``seeds``: an int ``n`` = seeds ``0 .. n-1``, or a list) in
+    ``out_dir/seed_<n>``, then the table of mean ± sd over seeds (``results.md``, ``results.json``,
+    ``ap_vs_shots.png`` with the per-seed means); ``kwargs`` go to :func:`run_seed`."""
+    from common.report import markdown_table, write_json
+
+    seeds = [int(s) for s in seeds] if isinstance(seeds, (list, tuple)) else list(range(int(seeds)))
+    if "seed" in kwargs:
+        raise ValueError("use --seeds (an int n for seeds 0..n-1, or a list)")
+    out_dir = os.path.abspath(out_dir)
+    t0 = time.time()
+    runs = {s: run_seed(os.path.join(out_dir, f"seed_{s}"), seed=s, **kwargs) for s in seeds}
+    keys = [(r["n_train"], r["arm"]) for r in runs[seeds[0]]["results"]]
+    rows, means = [], []
+    for n, arm in keys:
+        rs = [next(r for r in runs[s]["results"] if (r["n_train"], r["arm"]) == (n, arm)) for s in seeds]
+        rows.append({"training images N": n, "initialisation": "ISL-pretrained" if arm == "isl" else "from scratch",
+                     "n seeds": len(rs), **{name: _mean_sd([r[k] for r in rs]) for name, k in
+                                            (("mAP", "mAP"), ("AP@0.5", "AP50"), ("AP@0.75", "AP75"),
+                                             ("F1@0.5", "F1_50"), ("AJI", "AJI"))},
+                     "train s (mean)": round(float(np.mean([r["train_s"] for r in rs])), 1)})
+        means.append({"arm": arm, "n_train": n, "mAP": float(np.mean([r["mAP"] for r in rs])),
+                      "AP50": float(np.mean([r["AP50"] for r in rs]))})
+    setup = dict(runs[seeds[0]]["setup"], seeds=seeds,
+                 command="python -m experiments.isl_cell_bbbc030 " + " ".join(sys.argv[1:]))
+    setup.pop("seed", None)
+    out = {"setup": setup, "wall_s": round(time.time() - t0, 1),
+           "per_seed": {str(s): runs[s]["results"] for s in seeds},
+           "stage0_val_pearson": {str(s): runs[s]["setup"]["stage0_val_pearson"] for s in seeds}}
+    table = markdown_table(rows)
+    write_json(os.path.join(out_dir, "results.json"), out)
+    _write_text(os.path.join(out_dir, "results.md"), table + f"\nmean ± sd over seeds {seeds}\n")
+    title = (f"BBBC030 test set (20 images, {setup['downsample']}x downsampled); {setup['iterations']} iterations x "
+             f"{setup['batch_size']} patches of {setup['patch']}^2 per model; mean over seeds {seeds}")
+    fig = _figure(means, os.path.join(out_dir, "ap_vs_shots.png"), title)
     if docs_dir:
         import shutil
 
         os.makedirs(docs_dir, exist_ok=True)
         shutil.copyfile(fig, os.path.join(docs_dir, "ap_vs_shots.png"))
-        _write_text(os.path.join(docs_dir, "benchmark_results.md"), table)
+        _write_text(os.path.join(docs_dir, "benchmark_results.md"), table + f"\nmean ± sd over seeds {seeds}\n")
         write_json(os.path.join(docs_dir, "benchmark_results.json"), out)
-    step(f"done in {timings['total_s'] / 60:.1f} min; results in {out_dir}")
     print(table)
 
 
