@@ -316,3 +316,22 @@ def test_training_is_channels_last_by_default_with_the_same_mathematics(bundle):
     a, b = _train_step(net_on, inf_on, x), _train_step(net_off, inf_off, x)
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pa.contiguous(), pb, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- benchmark: peer section
+
+def test_benchmark_peer_option_parses_and_skips_with_a_reason_without_a_checkout(tmp_path):
+    from scripts import benchmark
+
+    assert benchmark._parse_peer(None) == {}
+    assert benchmark._parse_peer(f"pytorch_fnet={tmp_path}") == {"pytorch_fnet": str(tmp_path)}
+    for bad in ("viscy=/x", "pytorch_fnet=", "pytorch_fnet"):
+        with pytest.raises(ValueError):
+            benchmark._parse_peer(bad)
+    rows = []
+    benchmark.section_peer({}, torch.device("cpu"), 1, rows, 0, {})
+    assert len(rows) == 1 and rows[0]["note"].startswith("skipped: no checkout given")
+    with pytest.raises(FileNotFoundError):
+        benchmark.peer_import(str(tmp_path))  # not a pytorch_fnet checkout
+    d = benchmark._bundle_infer_defaults("fnet_baseline")  # what "ours (defaults)" runs
+    assert d["fast"] is True and len(d["roi"]) == 3
