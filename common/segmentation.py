@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage as ndi
 
-__all__ = ["otsu_watershed", "hmaxima_watershed", "connected_components", "cellpose_segment"]
+__all__ = ["otsu_watershed", "remove_border_objects", "hmaxima_watershed", "connected_components", "cellpose_segment"]
 
 
 def _spacing(spacing, ndim):
@@ -120,7 +120,7 @@ def otsu_watershed(
     from skimage.exposure import equalize_adapthist
     from skimage.feature import peak_local_max
     from skimage.filters import threshold_otsu
-    from skimage.segmentation import clear_border, watershed
+    from skimage.segmentation import watershed
 
     img = np.asarray(image, dtype=np.float64)
     if img.ndim not in (2, 3):
@@ -161,16 +161,28 @@ def otsu_watershed(
     labels = watershed(-distance, markers, mask=mask)
 
     if remove_border:
-        inside = np.ones(mask.shape, dtype=bool)
-        axes = range(img.ndim) if (img.ndim == 2 or border_z) else range(1, img.ndim)
-        for ax in axes:
-            idx = [slice(None)] * img.ndim
-            idx[ax] = 0
-            inside[tuple(idx)] = False
-            idx[ax] = -1
-            inside[tuple(idx)] = False
-        labels = clear_border(labels, mask=inside)
+        labels = remove_border_objects(labels, border_z)
     return _size_filter(labels, min_size, max_size, float(np.prod(sp)))
+
+
+def remove_border_objects(labels, border_z: bool = False) -> np.ndarray:
+    """Drop objects touching the lateral (Y, X) image border, and the z ends if ``border_z``.
+
+    :func:`otsu_watershed` applies it to its own output; the Spotlight evaluation applies it to the
+    ground truth too, so both are compared on the same population of objects.
+    """
+    from skimage.segmentation import clear_border
+
+    labels = np.asarray(labels)
+    inside = np.ones(labels.shape, bool)
+    axes = range(labels.ndim) if (labels.ndim == 2 or border_z) else range(1, labels.ndim)
+    for ax in axes:
+        idx = [slice(None)] * labels.ndim
+        idx[ax] = 0
+        inside[tuple(idx)] = False
+        idx[ax] = -1
+        inside[tuple(idx)] = False
+    return clear_border(labels, mask=inside)
 
 
 def hmaxima_watershed(distance, mask=None, h=0.5, reconstruct=False, connectivity=1):

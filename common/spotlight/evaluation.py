@@ -51,7 +51,7 @@ from common.metrics import (
     ssim,
 )
 from common.metrics import INTENSITY_FEATURES, SHAPE_FEATURES
-from common.segmentation import cellpose_segment, otsu_watershed
+from common.segmentation import cellpose_segment, otsu_watershed, remove_border_objects
 from common.transforms import otsu_threshold
 
 __all__ = [
@@ -94,26 +94,6 @@ def foreground_of(target) -> np.ndarray:
     if t is None:
         return np.zeros(target.shape, bool)
     return target >= t
-
-
-def remove_border_objects(labels, border_z: bool = False) -> np.ndarray:
-    """Drop objects touching the lateral (Y, X) image border, and the z ends if ``border_z``.
-
-    The same rule as :func:`common.segmentation.otsu_watershed` applies to its own output, so
-    ground truth and segmentations are compared on the same population of objects.
-    """
-    from skimage.segmentation import clear_border
-
-    labels = np.asarray(labels)
-    inside = np.ones(labels.shape, bool)
-    axes = range(labels.ndim) if (labels.ndim == 2 or border_z) else range(1, labels.ndim)
-    for ax in axes:
-        idx = [slice(None)] * labels.ndim
-        idx[ax] = 0
-        inside[tuple(idx)] = False
-        idx[ax] = -1
-        inside[tuple(idx)] = False
-    return clear_border(labels, mask=inside)
 
 
 def _fsc_resolution(p: np.ndarray, target: np.ndarray, spacing) -> float:
