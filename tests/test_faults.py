@@ -19,7 +19,8 @@ import torch
 from common.handlers import checkpoints_newest_first
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_dataset_3d
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, cli_overrides, env, split_manifest
+from experiments import runner
+from zoo_testing import TINY, TINY_TRAIN, env, split_manifest
 
 pytestmark = pytest.mark.slow
 B = "fnet_baseline"
@@ -96,9 +97,7 @@ def _train_cmd(data, out, epochs):
     ov = dict(TINY[B], **TINY_TRAIN[B])
     ov.update(train_manifest=data["train"], val_manifest=data["val"], ckpt_dir=str(out / "models"),
               output_dir=str(out / "runs"), num_epochs=epochs, epoch_length=2)
-    root = os.path.join(BUNDLES, B)
-    return ([sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "train.json")]
-            + cli_overrides(dict({"bundle_root": root}, **ov)))
+    return runner.bundle_command(B, "train.json", ov, logging=False)
 
 
 def _complete(path):
@@ -154,10 +153,9 @@ def test_inference_killed_while_writing_leaves_no_partial_output(data, tmp_path)
     for i in range(3):
         write_ome_tiff(inputs / f"v{i}.ome.tif", rng.random((16, 96, 96)).astype(np.float32), spacing_um=(1, 1, 1))
     out = tmp_path / "pred"
-    root = os.path.join(BUNDLES, B)
-    cmd = ([sys.executable, "-m", "monai.bundle", "run", "--config_file", os.path.join(root, "configs", "inference.json")]
-           + cli_overrides({"bundle_root": root, "dataset_dir": str(inputs), "output_dir": str(out),
-                            "ckpt_path": str(train_out / "models" / "model.pt")}))
+    cmd = runner.bundle_command(B, "inference.json", {"dataset_dir": str(inputs), "output_dir": str(out),
+                                                      "ckpt_path": str(train_out / "models" / "model.pt")},
+                                logging=False)
     caught = 0
     for n_done in (0, 1):
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
