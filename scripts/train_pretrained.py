@@ -18,10 +18,10 @@ spotlight_dna  no real transmitted-light + DNA pair is here     SSIM, nucleus AP
 isl_nucleus_   aiSEGcell fig3a field p0001 (real brightfield +  the two other fig3a fields: stage-0 Pearson r,
 seg            nuclear stain; masks for stage 1)                stage-1 IoU (``isl_fewshot``)
 isl_cell_      BBBC030 cho21..38 (real DIC + cell masks); gpu:  BBBC030 cho41..60: mAP, AP@0.5, F1, AJI
-instance       ISL stage 0 on synthetic DIC -> membrane         (``benchmark_isl_cell``)
+instance       ISL stage 0 on synthetic DIC -> membrane         (``isl_cell_bbbc030``)
                phantoms; cpu: from scratch, real data only
 unet3d_fucci   cells3d nuclei, left half (real, 20 nuclei)      right half: per-class F1, AP, evaluation score
-                                                                (``fucci_cells3d_experiment``)
+                                                                (``fucci_cells3d``)
 ============== ================================================ ===============================================
 
 Presets: ``gpu`` trains the published network sizes (the configs' defaults, so the released configs
@@ -264,7 +264,8 @@ def train_fnet_spotlight(out_dir: str, preset: dict) -> None:
 
 def train_isl_nucleus(out_dir: str, preset: dict, data_dir: str | None = None, stage0_ckpt: str | None = None) -> None:
     """isl_nucleus_seg: ISL stage 0 (brightfield -> nuclear stain) then stage 1 on every pool tile."""
-    from scripts import isl_fewshot, prepare_isl_data
+    from experiments import isl_fewshot
+    from scripts import prepare_isl_data
 
     p = preset["isl_nucleus"]
     work = os.path.join(out_dir, "work", "isl_nucleus_seg")
@@ -301,7 +302,7 @@ def train_isl_nucleus(out_dir: str, preset: dict, data_dir: str | None = None, s
               "budget": f"stage 0 {p['stage0_iterations']} + stage 1 {p['iterations']} iterations of batch "
                         f"{p['batch_size']}, crops {p['patch_size']}^2, Adam lr {p['learning_rate']}, network "
                         f"{p['network']}, overrides {p.get('net_overrides') or {}}; {seconds:.0f} s wall",
-              "command": "python scripts/isl_fewshot.py (via scripts/train_pretrained.py)",
+              "command": "python -m experiments.isl_fewshot (via scripts/train_pretrained.py)",
               "train_seconds": round(seconds, 1),
               "note": "inputs are 2x block-mean downsampled brightfield fields; downsample new images the same way"}
     if p.get("n_images"):
@@ -318,11 +319,11 @@ def train_isl_cell(out_dir: str, preset: dict) -> None:
     """isl_cell_instance on BBBC030 with every training image.
 
     ``init="isl"`` (the gpu preset): stage 0 on synthetic DIC -> membrane, then stage 1, both arms of
-    ``benchmark_isl_cell``. ``init="scratch"`` (the cpu preset): stage 1 only, from random weights, on the
-    real DIC images alone (no phantom-trained stage), with the benchmark's data preparation, overrides and
+    ``experiments.isl_cell_bbbc030``. ``init="scratch"`` (the cpu preset): stage 1 only, from random
+    weights, on the real DIC images alone (no phantom-trained stage), with the benchmark's data preparation, overrides and
     scoring; the final network is kept (its single validation on cho39/40 selects nothing).
     """
-    import benchmark_isl_cell as bench
+    from experiments import isl_cell_bbbc030 as bench
 
     p = preset["isl_cell"]
     work = os.path.join(out_dir, "work", "isl_cell_instance")
@@ -371,7 +372,7 @@ def train_isl_cell(out_dir: str, preset: dict) -> None:
               "command": "python scripts/train_pretrained.py train --preset <preset> --bundles isl_cell_instance",
               "train_seconds": round(seconds, 1),
               "note": "inputs are 2x block-mean downsampled DIC images; downsample new images the same way; "
-                      "test scores after removing objects under 50 px (benchmark_isl_cell.score)"}
+                      "test scores after removing objects under 50 px (experiments.isl_cell_bbbc030.score)"}
     models = {"model.pt": os.path.join(run_dir, "models", "model.pt")}
     if init == "isl":
         models["model_stage0.pt"] = os.path.join(work, "runs", "stage0", "models", "model.pt")
@@ -380,13 +381,13 @@ def train_isl_cell(out_dir: str, preset: dict) -> None:
 
 def train_fucci(out_dir: str, preset: dict) -> None:
     """unet3d_fucci on the real cells3d nuclei (left half), tested on the right half."""
-    from scripts import fucci_cells3d_experiment
+    from experiments import fucci_cells3d
 
     p = preset["fucci"]
     work = os.path.join(out_dir, "work", "unet3d_fucci")
     t0 = time.time()
     # one model (seed 0), scored with the inference config's defaults (watershed, no edge voxels given back)
-    fucci_cells3d_experiment.main(out_dir=work, downsample=p["downsample"], features=p["features"], patch=p["patch"],
+    fucci_cells3d.main(out_dir=work, downsample=p["downsample"], features=p["features"], patch=p["patch"],
                                   batch_size=p["batch_size"], epochs=p["epochs"], epoch_length=p["epoch_length"],
                                   learning_rate=p["learning_rate"], threads=preset["threads"], seeds=(0,),
                                   edge_grid=(0.0,))
@@ -409,7 +410,7 @@ def train_fucci(out_dir: str, preset: dict) -> None:
               "budget": f"{p['epochs'] * p['epoch_length']} iterations of batch {p['batch_size']}, patches "
                         f"{list(p['patch'])}, weighted CE [1, 3, 2], Adam lr {p['learning_rate']}, features "
                         f"{list(p['features'])}; {seconds:.0f} s wall",
-              "command": "python scripts/fucci_cells3d_experiment.py (via scripts/train_pretrained.py)",
+              "command": "python -m experiments.fucci_cells3d (via scripts/train_pretrained.py)",
               "train_seconds": round(seconds, 1),
               "note": "one reporter channel (nuclei); trained on 20 nuclei only: fine-tune on your spheroids"}
     stage_release(out_dir, "unet3d_fucci", {"model.pt": os.path.join(work, "seed_0", "models", "model.pt")},
