@@ -320,8 +320,8 @@ def train_isl_cell(out_dir: str, preset: dict) -> None:
 
     ``init="isl"`` (the gpu preset): stage 0 on synthetic DIC -> membrane, then stage 1, both arms of
     ``experiments.isl_cell_bbbc030``. ``init="scratch"`` (the cpu preset): stage 1 only, from random
-    weights, on the real DIC images alone (no phantom-trained stage), with the benchmark's data preparation, overrides and
-    scoring; the final network is kept (its single validation on cho39/40 selects nothing).
+    weights, on the real DIC images alone (no phantom-trained stage), with the benchmark's data
+    preparation, overrides and scoring; the final network is kept (its single validation on cho39/40 selects nothing).
     """
     from experiments import isl_cell_bbbc030 as bench
 
