@@ -59,3 +59,14 @@ def _spacing_tuple(spacing, ndim):
     if len(spacing) != ndim:
         raise ValueError(f"spacing has {len(spacing)} entries for a {ndim}D image")
     return spacing
+
+
+def _images_2d3d(a, b, names=("pred", "target"), what="the metric"):
+    """``a``, ``b`` as float64 arrays of one shape, 2D (YX) or 3D (ZYX); a ``ValueError`` otherwise."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}")
+    if a.ndim not in (2, 3):
+        raise ValueError(f"{what} expects a 2D (YX) or 3D (ZYX) image, got ndim={a.ndim}")
+    return a, b

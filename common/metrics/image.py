@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.metrics.base import DegenerateInputError, _as_mask, _pair
+from common.metrics.base import DegenerateInputError, _as_mask, _images_2d3d, _pair
 
 __all__ = ["pearson_r", "psnr", "ssim", "rescale_to_range", "microssim_3d", "background_variability"]
 
@@ -103,12 +103,7 @@ def ssim(pred, target, data_range=None, mask=None, win_size=None, gaussian_weigh
     """
     from skimage.metrics import structural_similarity
 
-    pred = np.asarray(pred, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {pred.shape} and {target.shape}")
-    if pred.ndim not in (2, 3):
-        raise ValueError(f"ssim expects a 2D (YX) or 3D (ZYX) image, got ndim={pred.ndim}")
+    pred, target = _images_2d3d(pred, target, what="ssim")
     if data_range is None:
         data_range = float(target.max() - target.min())
     if not data_range > 0:

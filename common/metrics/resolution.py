@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.metrics.base import DegenerateInputError, _safe_ratio, _spacing_tuple
+from common.metrics.base import DegenerateInputError, _images_2d3d, _safe_ratio, _spacing_tuple
 
 __all__ = ["fourier_ring_correlation", "frc_resolution"]
 
@@ -41,12 +41,7 @@ def fourier_ring_correlation(a, b, spacing=1.0, n_bins=None, window="hann"):
             :func:`common.spotlight.evaluation.pixel_metrics`).
         ValueError: Shape mismatch, ndim not 2 or 3.
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
-    if a.ndim not in (2, 3):
-        raise ValueError(f"FRC expects a 2D or 3D image, got ndim={a.ndim}")
+    a, b = _images_2d3d(a, b, ("a", "b"), "FRC")
     for name, x in (("a", a), ("b", b)):
         if x.size == 0 or x.max() == x.min():
             value = f" (every value {x.flat[0]:g})" if x.size else ""
