@@ -62,7 +62,11 @@ class PearsonMetric(CumulativeIterationMetric):
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if y is None:
-            raise ValueError("PearsonMetric needs both y_pred and y")
+            raise ValueError(f"{type(self).__name__} needs both y_pred and y")
+        return self._per_sample(y_pred, y)
+
+    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``(B, 1)`` values of one batch; subclasses measure something else here."""
         return _batch_pearson(y_pred, y)
 
     def aggregate(self, reduction: MetricReduction | str | None = None):
@@ -124,9 +128,7 @@ class RangePSNRMetric(PearsonMetric):
     sample's target is constant, instead of MONAI's 0.
     """
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if y is None:
-            raise ValueError("RangePSNRMetric needs both y_pred and y")
+    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _batch_range_psnr(y_pred, y)
 
     def aggregate(self, reduction: MetricReduction | str | None = None):
@@ -178,9 +180,7 @@ class ForegroundPearsonMetric(PearsonMetric):
         super().__init__(reduction=reduction, get_not_nans=get_not_nans)
         self.threshold = float(threshold)
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if y is None:
-            raise ValueError("ForegroundPearsonMetric needs both y_pred and y")
+    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return _batch_foreground_pearson(y_pred, y, self.threshold)
 
 
