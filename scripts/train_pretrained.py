@@ -331,7 +331,7 @@ def train_isl_cell(out_dir: str, preset: dict) -> None:
     init = p.get("init", "isl")
     t0 = time.time()
     if init == "isl":
-        bench.main(out_dir=work, shots=str(n), network=p["network"], iterations=p["iterations"],
+        bench.run_seed(out_dir=work, shots=str(n), network=p["network"], iterations=p["iterations"],
                    pretrain_iterations=p["pretrain_iterations"], batch_size=p["batch_size"],
                    patch=p["patch"], learning_rate=p["learning_rate"], threads=preset["threads"])
         with open(os.path.join(work, "results.json")) as f:
