@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import Transform
+
+from common.transforms import DictTwin
 
 __all__ = [
     "ImageReadError",
@@ -339,19 +341,13 @@ class LoadMicroscopy(Transform):
         return MetaTensor(torch.as_tensor(np.ascontiguousarray(arr)), affine=torch.as_tensor(affine), meta=meta)
 
 
-class LoadMicroscopyd(MapTransform):
+class LoadMicroscopyd(DictTwin):
     """Dictionary version of :class:`LoadMicroscopy`: replaces each path under ``keys`` by the image."""
 
     def __init__(self, keys: KeysCollection, spatial_dims: int = 3, dtype=np.float32, grayscale: str = "auto",
                  check_finite: bool = True, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadMicroscopy(spatial_dims, dtype, grayscale, check_finite)
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.loader(d[key])
-        return d
+        self.t = LoadMicroscopy(spatial_dims, dtype, grayscale, check_finite)
 
 
 class SaveOmeTiff(Transform):
@@ -409,16 +405,10 @@ class SaveOmeTiff(Transform):
         return img
 
 
-class SaveOmeTiffd(MapTransform):
+class SaveOmeTiffd(DictTwin):
     """Dictionary version of :class:`SaveOmeTiff`."""
 
     def __init__(self, keys: KeysCollection, output_dir: str, output_postfix: str = "_pred", dtype=np.float32,
                  squeeze_channel: bool = True, allow_missing_keys: bool = False, output_format: str = "auto"):
         super().__init__(keys, allow_missing_keys)
-        self.saver = SaveOmeTiff(output_dir, output_postfix, dtype, squeeze_channel, output_format)
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.saver(d[key])
-        return d
+        self.t = SaveOmeTiff(output_dir, output_postfix, dtype, squeeze_channel, output_format)
