@@ -92,4 +92,5 @@ def test_divide_background_flattens_a_gradient_and_ignores_zero_padding():
     assert np.all(o[0, :, :10] == 0)
     # sigma 0 / None: unchanged; the dict twin equals the array transform
     np.testing.assert_array_equal(DivideBackground(sigma=0)(img), img)
-    np.testing.assert_allclose(DivideBackgroundd("image", sigma=8)({"image": torch.as_tensor(img)})["image"].numpy(), out)
+    d = DivideBackgroundd("image", sigma=8)({"image": torch.as_tensor(img)})
+    np.testing.assert_allclose(d["image"].numpy(), out)

@@ -3,7 +3,6 @@ network, two iterations), inference, MONAI Label's BundleInferTask, DDP with two
 errors on bad input and the few-shot script."""
 
 import csv
-import importlib.util
 import os
 import shutil
 
@@ -16,7 +15,7 @@ from monai.handlers import from_engine
 from common.data import ManifestError
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_dataset_2d_isl
-from zoo_testing import BUNDLES, ROOT, TINY, TINY_TRAIN, run_bundle
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle
 
 B = "isl_nucleus_seg"
 BUNDLE = os.path.join(BUNDLES, B)
@@ -228,25 +227,110 @@ def test_bad_input_named_before_training(data, tmp_path):
     assert not os.path.exists(tmp_path / "models")  # found before any output folder was made
 
 
-def test_fewshot_script_equal_budget_and_subsets(data, tmp_path):
-    spec = importlib.util.spec_from_file_location("isl_fewshot", os.path.join(ROOT, "scripts", "isl_fewshot.py"))
-    fs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fs)
-    d = tmp_path / "data"
+def _synthetic_aisegcell(data, d):
+    """The layout of experiments.isl_data.prepare from the synthetic phantoms: fig3a fields p0001 (train,
+    also the tile pool), p0011 and p0013 (test); done.txt marks it prepared."""
     shutil.copytree(data["dir"], d)
-    for name, src in {"stage0_train": "train.csv", "test": "val.csv", "pool": "train.csv"}.items():
-        shutil.copy(d / src, d / f"{name}.csv")
+    header, *rows = list(csv.reader(open(d / "manifest.csv")))
+    for name, row in zip(("p0001", "p0011", "p0013"), rows):
+        _write_csv(d / f"fig3a_{name}.csv", header, [row])
+    _write_csv(d / "fig3a.csv", header, rows)
+    _write_csv(d / "pool_p0001.csv", header, rows[:3])
+    (d / "done.txt").write_text("downsample=2 tile=128\n")
+    return d
+
+
+def test_fewshot_experiment_equal_budget_seeded_subsets(data, tmp_path):
+    from experiments import isl_fewshot as fs
+
+    d = _synthetic_aisegcell(data, tmp_path / "data")
     net = {k: v for k, v in TINY[B].items() if k.startswith("network_def")}
-    res = fs.run(out_dir=str(tmp_path / "out"), data_dir=str(d), ns=[1, 2], inits=["isl", "scratch"],
-                 stage0_iterations=2, iterations=3, batch_size=2, patch_size=64, eval_roi=64, net_overrides=net,
-                 preview=False)
-    rows = res["fewshot"]
-    assert [(r["n_images"], r["init"]) for r in rows] == [(1, "isl"), (1, "scratch"), (2, "isl"), (2, "scratch")]
+    res = fs.run(out_dir=str(tmp_path / "out"), data_dir=str(d), seeds=[0, 1], ns=[1, 2], inits=["isl", "scratch"],
+                 stage0_ckpt=None, stage0_iterations=2, iterations=3, batch_size=2, patch_size=64, eval_roi=64,
+                 net_overrides=net)
+    rows = res["runs"]
+    assert [(r["seed"], r["n_images"], r["init"]) for r in rows] == [
+        (s, n, i) for s in (0, 1) for n in (1, 2) for i in ("isl", "scratch")]
     assert all(r["iterations"] == 3 for r in rows)  # equal budget
-    assert all(0.0 <= r["test_iou"] <= 1.0 for r in rows)
-    pool = list(csv.reader(open(d / "pool.csv")))
-    for n in (1, 2):
-        assert list(csv.reader(open(d / f"fewshot_{n}.csv"))) == pool[: n + 1]
+    assert all(0.0 <= r["val_iou"] <= 1.0 for r in rows) and len(res["stage0"]) == 2
+    pool = list(csv.reader(open(d / "pool_p0001.csv")))[1:]
+    for s in (0, 1):  # N tiles = the first N of the seed's permutation of the pool
+        order = np.random.default_rng(s).permutation(len(pool))
+        for n in (1, 2):
+            assert list(csv.reader(open(d / f"fewshot_p0001_n{n}_s{s}.csv")))[1:] == [pool[i] for i in order[:n]]
+    test = list(csv.reader(open(d / "fewshot_test.csv")))[1:]
+    assert [r[0] for r in test] == [list(csv.reader(open(d / f"fig3a_{f}.csv")))[1][0] for f in ("p0011", "p0013")]
     table = (tmp_path / "out" / "fewshot.md").read_text()
-    assert "| 1 | isl |" in table and "| 2 | scratch |" in table and "0 (stage 0 only)" in table
-    assert (tmp_path / "out" / "fewshot.png").is_file()
+    assert "| 1 |" in table and "±" in table and "0 (stage 0 only)" in table
+
+
+AUG_TRANSFORMS = {"aug_flip": ["RandFlipd", "RandFlipd"], "aug_rot90": ["RandRotate90d"], "aug_zoom": ["RandZoomd"],
+                  "aug_contrast": ["RandAdjustContrastd"], "aug_noise": ["RandGaussianNoised"],
+                  "aug_smooth": ["RandGaussianSmoothd"], "aug_bias_field": ["RandBiasFieldd"]}
+
+
+def test_each_augmentation_switch_and_the_documented_defaults(data, tmp_path):
+    """train.json: every switch adds its MONAI transform after the crop; the defaults are the README's."""
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    defaults = {k: p[k] for k in AUG_TRANSFORMS}
+    assert defaults == {"aug_flip": True, "aug_rot90": True, "aug_zoom": 0.3, "aug_contrast": 0.5, "aug_noise": 0.3,
+                        "aug_smooth": 0.3, "aug_bias_field": 0.5}
+    assert (p["normalise"], p["norm_percentiles"], p["flatfield_sigma"]) == ("percentile", [1, 99], 32)
+    off = {k: (False if k in ("aug_flip", "aug_rot90") else 0.0) for k in AUG_TRANSFORMS}
+    for key, names in AUG_TRANSFORMS.items():
+        ov = dict(off, **{key: True if key in ("aug_flip", "aug_rot90") else 1.0})
+        q = ConfigParser()
+        q.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+        q.update(dict(_overrides(data, tmp_path, stage=1, init="scratch"), **ov))
+        got = [type(t).__name__ for t in q.get_parsed_content("train#patching").transforms]
+        assert got == ["SpatialPadd", "RandForegroundPatchd"] + names, key
+        if key == "aug_zoom":  # the mask is zoomed with nearest-exact, the image bilinearly
+            z = q.get_parsed_content("train#patching").transforms[-1]
+            assert list(z.mode) == ["bilinear", "nearest-exact"]
+
+
+def _det_train(data, out, seed):
+    ov = _overrides(data, out, stage=1, init="scratch", seed=seed, num_epochs=1, epoch_length=3,
+                    aug_zoom=1.0, aug_contrast=1.0, aug_noise=1.0, aug_smooth=1.0, aug_bias_field=1.0)
+    torch.set_num_threads(1)
+    wf = _workflow(ov)
+    wf.run()
+    iou = float(wf.parser.get_parsed_content("validate#evaluator").state.metrics["val_iou"])
+    wf.finalize()
+    return torch.load(out / "models" / "model.pt", weights_only=True), iou
+
+
+def test_seeded_run_with_every_augmentation_is_deterministic(data, tmp_path):
+    a, ia = _det_train(data, tmp_path / "a", 3)
+    b, ib = _det_train(data, tmp_path / "b", 3)
+    c, _ = _det_train(data, tmp_path / "c", 4)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert round(ia, 3) == round(ib, 3)
+    assert any(not torch.allclose(a[k], c[k]) for k in a if a[k].dtype.is_floating_point)
+
+
+def test_inference_normalisation_follows_the_model_record(trained):
+    """A record with normalise 'percentile' (what training writes now) gets the robust percentiles and the
+    flat-field division; a record without it (the shipped v0.2.0 model) keeps the z-score it was trained with."""
+    from monai.bundle import ConfigParser
+
+    from common.networks.record import read_record
+
+    ckpt = str(trained["out"] / "models" / "model.pt")
+    rec = read_record(ckpt)["settings"]
+    assert rec["normalise"] == "percentile" and rec["flatfield_sigma"] == 32 and rec["norm_percentiles"] == [1, 99]
+
+    def names(ckpt_path):
+        p = ConfigParser()
+        p.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
+        p.update(dict(TINY[B], ckpt_path=ckpt_path))
+        return [type(t).__name__ for t in p.get_parsed_content("preprocessing").transforms]
+
+    assert names(ckpt) == ["LoadMicroscopyd", "DivideBackgroundd", "RobustScaleIntensityd", "EnsureTyped"]
+    shipped = os.path.join(BUNDLE, "models", "model.pt")
+    assert "normalise" not in read_record(shipped)["settings"]
+    assert names(shipped) == ["LoadMicroscopyd", "NormalizeIntensityd", "EnsureTyped"]

@@ -1,0 +1,185 @@
+"""isl_nucleus_seg across acquisitions: train on one aiSEGcell acquisition, test on the other (label-free input).
+
+    python -m experiments.isl_crossacq --seeds "[0,1,2]"
+    python -m experiments.isl_crossacq --seeds "[0]" --directions "[fig3a_to_fig2a]" --variants "[zscore,default]"
+
+Both directions, every seed, through the bundle's own ``configs/train.json`` (in-process via
+:mod:`experiments.runner`, as ``python -m monai.bundle run`` does):
+
+* ``fig3a_to_fig2a``: stage 1 (nucleus masks) on the 3 fig3a fields, tested on the 4 fig2a frames;
+* ``fig2a_to_fig3a``: stage 1 on the 4 fig2a frames, tested on the 3 fig3a fields.
+
+The network sees only the bright field. Every run has the same budget (``iterations`` x
+``batch_size`` crops of ``patch_size``), no model selection: the final network is evaluated once
+(the bundle's validation = the test acquisition, IoU of the binary mask per image, MONAI's
+``MeanIoUHandler``). Baseline: Otsu's threshold (scikit-image) on the *real nuclear stain* of the
+test images, same IoU. ``variants`` name bundle-override sets (:data:`VARIANTS`) for the ablation
+of the normalisation and augmentation switches; ``default`` is the bundle's train.json as shipped.
+Outputs in ``out_dir``: ``results.json``, ``crossacq.md`` (mean +- sd over seeds).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from experiments import isl_data
+from experiments.runner import workflow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE = os.path.join(ROOT, "bundles", "isl_nucleus_seg")
+
+#: the reduced CPU DenseNet U-Net (1.0 M parameters) of the shipped model
+CPU_NET = {"network_def#base#init_features": 32, "network_def#base#growth_rate": 16,
+           "network_def#base#block_config": [2, 4, 8, 6], "network_def#base#decoder_channels": [128, 64, 32, 16, 16]}
+
+#: ablation variants: overrides of train.json (``default``: none, the shipped defaults)
+_NO_AUG = {"aug_zoom": 0.0, "aug_contrast": 0.0, "aug_noise": 0.0, "aug_smooth": 0.0, "aug_bias_field": 0.0}
+_ALL_AUG = {"aug_zoom": 0.3, "aug_contrast": 0.5, "aug_noise": 0.3, "aug_smooth": 0.3, "aug_bias_field": 0.5}
+VARIANTS = {
+    "default": {},
+    "zscore": dict(_NO_AUG, normalise="zscore", flatfield_sigma=0),
+    "pct": dict(_NO_AUG, normalise="percentile", flatfield_sigma=0),
+    "pct_ff": dict(_NO_AUG, normalise="percentile", flatfield_sigma=32),
+    "pct_aug": dict(_ALL_AUG, normalise="percentile", flatfield_sigma=0),
+    "pct_ff_aug": dict(_ALL_AUG, normalise="percentile", flatfield_sigma=32),
+    "zscore_aug": dict(_ALL_AUG, normalise="zscore", flatfield_sigma=0),
+    "pct_ff_aug_wide": dict(_ALL_AUG, normalise="percentile", flatfield_sigma=32, aug_zoom=0.5,
+                            aug_zoom_range=[0.7, 1.6]),
+}
+
+DIRECTIONS = {"fig3a_to_fig2a": ("fig3a", "fig2a"), "fig2a_to_fig3a": ("fig2a", "fig3a")}
+
+
+def _log(msg: str) -> None:
+    print(f"[isl_crossacq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_and_test(train_csv: str, test_csv: str, run_dir: str, seed: int, overrides: dict, iterations: int,
+                   batch_size: int, patch_size: int, learning_rate: float, eval_roi: int, stage: int = 1,
+                   init: str = "scratch", stage0_ckpt: str | None = None) -> dict:
+    """One bundle training run (``train.json``) and the final network's metric on ``test_csv`` (per image)."""
+    ov = dict(CPU_NET, sigmoid_a=5.0, in_channels=isl_data.in_channels(train_csv), patch_size=[patch_size, patch_size],
+              batch_size=batch_size,
+              learning_rate=learning_rate, num_epochs=1, epoch_length=int(iterations), val_interval=1, num_workers=0,
+              resume=False, seed=int(seed), stage=stage, init=init, train_manifest=train_csv, val_manifest=test_csv,
+              ckpt_dir=os.path.join(run_dir, "models"), output_dir=os.path.join(run_dir, "runs"))
+    ov["validate#inferer#roi_size"] = [eval_roi, eval_roi]
+    ov["validate#inferer#overlap"] = 0.0
+    if stage0_ckpt:
+        ov["stage0_ckpt"] = stage0_ckpt
+    ov.update(overrides)
+    metric = "val_pearson" if stage == 0 else "val_iou"
+    t0 = time.time()
+    wf = workflow(BUNDLE, "train.json", ov, workflow_type="train")
+    wf.run()
+    ev = wf.parser.get_parsed_content("validate#evaluator")
+    value = float(ev.state.metrics[metric])
+    det = ev.state.metric_details.get(metric)
+    per = [float(v) for v in np.asarray(det.detach().cpu()).reshape(len(det), -1).mean(1)] if det is not None else []
+    its = int(wf.parser.get_parsed_content("train#trainer").state.iteration)
+    wf.finalize()
+    return {metric: value, "per_image": per, "iterations": its, "seconds": round(time.time() - t0, 1)}
+
+
+def _one(direction: str, variant: str, seed: int, train_csv: str, test_csv: str, run_dir: str, threads: int,
+         budget: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(int(threads))
+    r = train_and_test(train_csv, test_csv, run_dir, seed, VARIANTS[variant], **budget)
+    r.update(direction=direction, variant=variant, seed=seed)
+    _log(f"{direction} {variant} seed {seed}: IoU {r['val_iou']:.3f} per image {np.round(r['per_image'], 3).tolist()} "
+         f"({r['seconds']} s)")
+    return r
+
+
+def _ms(vals) -> str:
+    v = np.asarray(vals, float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+
+
+def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str | None = None, seeds=(0, 1, 2),
+        directions=tuple(DIRECTIONS), variants=("default",), iterations: int = 300, batch_size: int = 4,
+        patch_size: int = 128, learning_rate: float = 1e-3, eval_roi: int = 256, downsample: int = 2,
+        threads: int = 1, jobs: int = 1) -> dict:
+    """Run every direction x variant x seed; returns the results (also ``<out_dir>/results.json``).
+
+    Args:
+        out_dir: runs, table and results (default git-ignored under the bundle's ``runs/``).
+        data_dir: prepared data (:func:`experiments.isl_data.prepare`), default ``<out_dir>/../data_x<downsample>``.
+        seeds: training seeds (crops, augmentation, initialisation).
+        directions: keys of :data:`DIRECTIONS`.
+        variants: keys of :data:`VARIANTS` (``default`` = train.json's defaults).
+        iterations, batch_size, patch_size, learning_rate: the budget of every run (crops of ``patch_size``).
+        eval_roi: sliding-window size on the test images (no overlap).
+        downsample: block-mean factor of the prepared data.
+        threads: ``torch.set_num_threads`` of every run.
+        jobs: runs at a time (spawned processes; the numbers do not depend on it, the wall time does).
+    """
+    import torch
+
+    from common.report import markdown_table, write_json
+
+    torch.set_num_threads(int(threads))
+    seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
+    directions = [directions] if isinstance(directions, str) else list(directions)
+    variants = [variants] if isinstance(variants, str) else list(variants)
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"direction {d!r}: choose from {sorted(DIRECTIONS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"variant {v!r}: choose from {sorted(VARIANTS)}")
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    data = isl_data.prepare(data_dir or os.path.join(os.path.dirname(out_dir), f"data_x{downsample}"), downsample)
+    t_start = time.time()
+    results = {"config": {"seeds": seeds, "directions": directions, "variants": variants, "iterations": iterations,
+                          "batch_size": batch_size, "patch_size": patch_size, "learning_rate": learning_rate,
+                          "eval_roi": eval_roi, "downsample": downsample, "threads": threads,
+                          "network": "cpu DenseNet U-Net (1.0 M), sigmoid_a 5, stage 1 from scratch"},
+               "otsu": {}, "runs": []}
+    tasks = []
+    for d in directions:
+        train_acq, test_acq = DIRECTIONS[d]
+        results["otsu"][test_acq] = isl_data.otsu_iou(data[test_acq])
+        _log(f"Otsu on the real stain of {test_acq}: IoU {np.mean(results['otsu'][test_acq]):.3f}")
+        for v in variants:
+            for s in seeds:
+                tasks.append(dict(direction=d, variant=v, seed=s, train_csv=data[train_acq], test_csv=data[test_acq],
+                                  run_dir=os.path.join(out_dir, f"{d}_{v}_s{s}"), threads=threads,
+                                  budget=dict(iterations=iterations, batch_size=batch_size, patch_size=patch_size,
+                                              learning_rate=learning_rate, eval_roi=eval_roi)))
+    results["runs"] = isl_data.in_parallel(_one, tasks, jobs)
+    results["jobs"] = int(jobs)
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    table = []
+    for d in directions:
+        train_acq, test_acq = DIRECTIONS[d]
+        for v in variants:
+            rs = [r for r in results["runs"] if r["direction"] == d and r["variant"] == v]
+            table.append({"trained on": train_acq, "tested on": test_acq, "variant": v, "seeds": len(rs),
+                          "IoU (mean ± sd)": _ms([r["val_iou"] for r in rs]),
+                          "Otsu on real stain": f"{np.mean(results['otsu'][test_acq]):.3f}",
+                          "per test image (mean over seeds)": ", ".join(
+                              f"{v:.2f}" for v in np.mean([r["per_image"] for r in rs], axis=0)),
+                          "s / run": f"{np.mean([r['seconds'] for r in rs]):.0f}"})
+    md = [f"Stage 1 from scratch, {iterations} iterations x {batch_size} crops of {patch_size}^2, lr {learning_rate}, "
+          f"{downsample}x block-mean data, {threads} thread(s) x {jobs} job(s); "
+          f"wall {results['wall_seconds']:.0f} s.", "",
+          markdown_table(table)]
+    with open(os.path.join(out_dir, "crossacq.md.tmp"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    os.replace(os.path.join(out_dir, "crossacq.md.tmp"), os.path.join(out_dir, "crossacq.md"))
+    write_json(os.path.join(out_dir, "results.json"), results)
+    print("\n".join(md))
+    return results
+
+
+if __name__ == "__main__":
+    from common.cli import strict_fire
+
+    strict_fire(run, serialize=lambda results: None)
