@@ -305,10 +305,11 @@ def test_benchmark_quick_prints_table(tmp_path):
     assert "| section | path | size | time (s) | Mvox/s | x ref | peak RSS (MiB) | note |" in text
     assert "load average at start" in text
     for row in ("| fnet_train | ref | b2 x 16x32x32 |", "| fnet_train | opt | b2 x 16x32x32 |",
-                "| fnet_infer | ref | 1x16x64x64 |", "| fnet_infer | opt | 1x16x64x64 |"):
+                "| fnet_infer | ref | 1x16x64x64 |", "| fnet_infer | opt | 1x16x64x64 |",
+                "| fnet_infer | opt, ref windows (fast paths alone) | 1x16x64x64 |"):
         assert row in text, row
     rows = json.load(open(out))["rows"]
-    assert len(rows) == 4
+    assert len(rows) == 5
     for r in rows:
         assert r["time_s"] > 0 and r["peak_rss_mib"] > 100
         vox = 2 * 16 * 32 * 32 if r["section"] == "fnet_train" else 16 * 64 * 64
