@@ -257,7 +257,7 @@ def main(out_dir: str = "first_run_output", threads: int = 2) -> dict:
         lines += ["", "Overlays (input | predicted outlines, magenta | true outlines, green): "
                   + ", ".join(f"[overlay_{n}.png](overlay_{n}.png)" for n in results), "",
                   f"isl_cell_instance: objects under {CELL_MIN_SIZE} px (at 2x) are left out of both, as in "
-                  "scripts/benchmark_isl_cell.py. unet3d_fucci: scores and counts on the right half (x >= "
+                  "experiments/isl_cell_bbbc030.py. unet3d_fucci: scores and counts on the right half (x >= "
                   f"{half}, right of the dotted line); the overlay shows slice z = {z}.", "",
                   f"Wall time {total:.0f} s with {threads} torch thread(s). Samples and licences: samples/README.md; "
                   "how each model was trained and its held-out scores: bundles/<name>/docs/README.md.", ""]

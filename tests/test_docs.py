@@ -91,8 +91,7 @@ RULES = [
     (r"^python scripts/train_pretrained\.py", "external", "training the released weights (GPU preset: 15 min; cpu: an hour)"),
     (r"^pip install", "external", "installs an optional package from PyPI"),
     (r"^python scripts/prepare_allen\.py|allen_dna", "external", "the Allen Institute dataset (a download)"),
-    (r"^python scripts/benchmark\.py|^python scripts/benchmark_isl_cell\.py|^python scripts/isl_fewshot\.py|"
-     r"^python -m experiments\.|^python scripts/fucci_\w+_experiment\.py", "external",
+    (r"^python scripts/benchmark\.py|^python -m experiments\.", "external",
      "an experiment of the bundle README (minutes to an hour of CPU); its code paths have their own tests"),
     (r"^python scripts/fucci_prepare_gt\.py from_cellpose", "external", "needs a user's Cellpose model (no download)"),
     (r"^python scripts/fucci_prepare_gt\.py|^python scripts/fucci_phase_analysis\.py", "covered", "tests/test_fucci.py"),

@@ -62,7 +62,7 @@ def split_by_reporter_change(instances, image, tol: float = 0.45, floor_fraction
         instances: ``ZYX`` labels (e.g. :func:`instances_watershed`).
         image: ``CZYX`` raw intensities, all channels used (Cy3, GFP, Hoechst).
         tol: largest relative change kept within one nucleus (on the training spheroids of
-            ``scripts/fucci_synthetic_experiment.py`` the same nucleus changes by < 0.3 between
+            ``experiments/fucci_synthetic_experiment.py`` the same nucleus changes by < 0.3 between
             slices in 90% of cases, stacked different nuclei by > 0.3 in 90%).
         floor_fraction: ``floor_c`` of :func:`colour_change` as a fraction of the channel's 95th
             percentile (background-subtracted) inside the instances.
