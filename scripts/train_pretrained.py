@@ -264,37 +264,36 @@ def train_fnet_spotlight(out_dir: str, preset: dict) -> None:
 
 def train_isl_nucleus(out_dir: str, preset: dict, data_dir: str | None = None, stage0_ckpt: str | None = None) -> None:
     """isl_nucleus_seg: ISL stage 0 (brightfield -> nuclear stain) then stage 1 on every pool tile."""
-    from experiments import isl_fewshot
-    from scripts import prepare_isl_data
+    from experiments import isl_data, isl_fewshot
 
     p = preset["isl_nucleus"]
     work = os.path.join(out_dir, "work", "isl_nucleus_seg")
     data_dir = data_dir or os.path.join(work, "data")
-    if not os.path.isfile(os.path.join(data_dir, "pool.csv")):
-        prepare_isl_data.aisegcell(out=data_dir, downsample=2, tile=p["tile"], timelapse=False)
-    with open(os.path.join(data_dir, "pool.csv"), newline="") as f:
-        n_pool = sum(1 for _ in csv.DictReader(f))
+    data = isl_data.prepare(data_dir, downsample=2, tile=p["tile"])
+    pool_csv = data["pool_p0001"]
+    n_pool = len(isl_data.read_manifest_rows(pool_csv))
     n_pool = int(p.get("n_images") or n_pool)  # the first n tiles of the seeded pool order
     earlier_stage0 = None
-    if stage0_ckpt:  # <run>/stage0/models/model_stage0.pt of an isl_fewshot run: its results.json has the metric
+    if stage0_ckpt:  # <run>/stage0_s<seed>/models/model_stage0.pt of an isl_fewshot run: its results.json has the metric
         with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(stage0_ckpt)))),
                                "results.json")) as f:
-            earlier_stage0 = json.load(f)["stage0"]
+            earlier_stage0 = json.load(f)["stage0"][0]
     t0 = time.time()
-    res = isl_fewshot.run(out_dir=work, data_dir=data_dir, network=p["network"], ns=[n_pool], inits=["isl"],
-                          stage0_iterations=p["stage0_iterations"], iterations=p["iterations"],
-                          batch_size=p["batch_size"], patch_size=p["patch_size"], learning_rate=p["learning_rate"],
-                          threads=preset["threads"], net_overrides=p.get("net_overrides"), preview=False,
-                          stage0_ckpt=stage0_ckpt)
+    res = isl_fewshot.run(out_dir=work, data_dir=data_dir, seeds=[0], ns=[n_pool], inits=["isl"],
+                          stage0_ckpt=stage0_ckpt, network=p["network"], stage0_iterations=p["stage0_iterations"],
+                          iterations=p["iterations"], batch_size=p["batch_size"], patch_size=p["patch_size"],
+                          learning_rate=p["learning_rate"], tile=p["tile"], threads=preset["threads"],
+                          net_overrides=p.get("net_overrides"))
     seconds = time.time() - t0
+    stage0 = earlier_stage0 if stage0_ckpt else res["stage0"][0]
     if stage0_ckpt:  # stage 0 of an earlier run of the same recipe: count its time, report its metric
-        res["stage0"] = earlier_stage0
         seconds += float(earlier_stage0["seconds"])
-    row = res["fewshot"][0]
-    metrics = {"aisegcell_heldout_stage0_pearson_r": _r(res["stage0"]["val_pearson"]),
-               "aisegcell_heldout_stage0_only_iou": _r(res["zero_shot"]["val_iou"]),
-               "aisegcell_heldout_iou": _r(row["test_iou"])}
-    overrides = dict(isl_fewshot.NETWORKS[p["network"]], in_channels=res["config"]["in_channels"],
+    stage0_path = stage0_ckpt or os.path.join(work, "stage0_s0", "models", "model_stage0.pt")
+    row = res["runs"][0]
+    metrics = {"aisegcell_heldout_stage0_pearson_r": _r(stage0["val_pearson"]),
+               "aisegcell_heldout_stage0_only_iou": _r(res["zero_shot"][0]["val_iou"]),
+               "aisegcell_heldout_iou": _r(row["val_iou"])}
+    overrides = dict(isl_fewshot.NETWORKS[p["network"]], in_channels=isl_data.in_channels(pool_csv),
                      **(p.get("net_overrides") or {}))
     record = {"trained_on": f"{DATA_CREDITS['aisegcell']}: field p0001, 2x block-mean downsampled; "
                             f"stage 1 on {n_pool} of its tiles of {p['tile']}^2 (seeded order); test: the two other "
@@ -311,8 +310,8 @@ def train_isl_nucleus(out_dir: str, preset: dict, data_dir: str | None = None, s
                                "test IoU is optimistic; the one run planned before looking (all 13 tiles, 300 "
                                "iterations) scored IoU 0.179")
     stage_release(out_dir, "isl_nucleus_seg",
-                  {"model.pt": os.path.join(work, f"n{n_pool}_isl", "models", "model.pt"),
-                   "model_stage0.pt": res["stage0_ckpt"]}, overrides, metrics, record)
+                  {"model.pt": os.path.join(work, f"n{n_pool}_isl_s0", "models", "model.pt"),
+                   "model_stage0.pt": stage0_path}, overrides, metrics, record)
 
 
 def train_isl_cell(out_dir: str, preset: dict) -> None:
@@ -424,7 +423,7 @@ def train(bundles: str = "all", preset: str = "gpu", out_dir: str = "pretrained"
     """Train, evaluate and stage the release copies of ``bundles`` (comma-separated, or ``all``).
 
     ``isl_stage0_ckpt``: reuse the stage-0 model of an earlier isl_nucleus_seg run of the same preset
-    (``<out_dir>/work/isl_nucleus_seg/stage0/models/model_stage0.pt``) instead of training stage 0 again.
+    (``<out_dir>/work/isl_nucleus_seg/stage0_s0/models/model_stage0.pt``) instead of training stage 0 again.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
