@@ -155,7 +155,12 @@ def test_fast_paths_on_by_default(bundle):
     assert parser["fast"] is True
     inferer = parser.get_parsed_content("inferer")
     assert isinstance(inferer, FastSlidingWindowInferer)
-    assert inferer.fuse_bn and inferer.channels_last and inferer.bf16_cuda and not inferer.compile
+    assert inferer.fuse_bn and inferer.channels_last and not inferer.compile
+    if bundle == "unet3d_fucci":  # its watershed instances move with bf16 rounding (mAP by up to 0.1): fp32
+        assert parser["fast_bf16"] is False and not inferer.bf16_cpu and not inferer.bf16_cuda
+        assert _parse(bundle, fast_bf16="true").get_parsed_content("inferer").bf16_cpu == native_bf16_cpu()
+        return
+    assert inferer.bf16_cuda
     assert inferer.bf16_cpu == native_bf16_cpu()  # bf16 on CPU only where the CPU computes it natively
 
 

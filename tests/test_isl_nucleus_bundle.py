@@ -3,6 +3,7 @@ network, two iterations), inference, MONAI Label's BundleInferTask, DDP with two
 errors on bad input and the few-shot script."""
 
 import csv
+import json
 import os
 import shutil
 
@@ -162,6 +163,9 @@ def test_monailabel_bundle_infer_task_writes_mask_of_input_size(tmp_path):
 
     root = tmp_path / B
     shutil.copytree(os.path.join(BUNDLE, "configs"), root / "configs")
+    cfg = json.loads((root / "configs" / "inference.json").read_text())
+    cfg["fast"] = False  # eager fp32, compared exactly below (the fast default's tolerance: tests/test_fast_defaults.py)
+    (root / "configs" / "inference.json").write_text(json.dumps(cfg, indent=2))
     (root / "models").mkdir()
     x = np.random.default_rng(1).random((3, 100, 130)).astype(np.float32)
     img = tmp_path / "field.ome.tif"
