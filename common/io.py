@@ -276,6 +276,30 @@ def voxel_count(path: str | os.PathLike) -> int:
     return 0
 
 
+def writable_array(array, axes: str, path: str, lazy_types: tuple = ()):
+    """An array ready to be written: numpy (or one of ``lazy_types``, kept as is), float64 as float32, bool as uint8.
+
+    Args:
+        array: numpy array, tensor or a lazy array of ``lazy_types`` (e.g. dask), with axes ``axes``.
+        axes: one letter per dimension; only its length is checked.
+        path: the file being written, named in the error.
+
+    Raises:
+        ValueError: the array's number of dimensions differs from ``len(axes)``.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if not (lazy_types and isinstance(array, lazy_types)):
+        array = np.asarray(array)
+    if array.ndim != len(axes):
+        raise ValueError(f"{path}: array has {array.ndim} dims but axes '{axes}' has {len(axes)}")
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return array
+
+
 def write_ome_tiff(path: str | os.PathLike, array, axes: str = "ZYX", spacing_um: Sequence[float] | None = None,
                    compression: str | None = "zlib") -> str:
     """Write ``array`` as OME-TIFF with physical sizes, atomically (temporary file + rename).
@@ -289,16 +313,8 @@ def write_ome_tiff(path: str | os.PathLike, array, axes: str = "ZYX", spacing_um
     import tifffile
 
     path = str(path)
-    if isinstance(array, torch.Tensor):
-        array = array.detach().cpu().numpy()
-    array = np.asarray(array)
     axes = axes.upper()
-    if array.ndim != len(axes):
-        raise ValueError(f"{path}: array has {array.ndim} dims but axes '{axes}' has {len(axes)}")
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
+    array = writable_array(array, axes, path)
     metadata = {"axes": axes}
     if spacing_um is not None:
         spatial = [a for a in axes if a in "ZYX"]

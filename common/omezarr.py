@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from common.io import ImageDimensionError, ImageReadError
+from common.io import ImageDimensionError, ImageReadError, writable_array
 
 __all__ = ["is_omezarr", "split_channel", "open_image", "read_omezarr", "write_omezarr", "write_plate",
            "plate_fields", "is_plate", "output_path", "write_prediction", "ensure_plate_like", "plate_manifest",
@@ -248,16 +248,7 @@ def write_omezarr(path: str | os.PathLike, array, axes: str = "CZYX", spacing_um
 
     path = os.path.normpath(str(path))
     axes = axes.lower()
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    if not isinstance(array, da.Array):
-        array = np.asarray(array)
-    if array.ndim != len(axes):
-        raise ValueError(f"{path}: array has {array.ndim} dims but axes '{axes}' has {len(axes)}")
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
+    array = writable_array(array, axes, path, lazy_types=(da.Array,))
     spatial = [a for a in axes if a in "zyx"]
     if chunks is None:
         want = {"c": 1, "t": 1, "z": 32, "y": 256, "x": 256}
