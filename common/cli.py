@@ -126,13 +126,16 @@ def check_flags(component, argv: Sequence[str], prog: str = "") -> None:
                                f"it takes {', '.join(free) or 'none'} (give the others as --flag value)")
 
 
-def strict_fire(component, argv: Sequence[str] | None = None, name: str | None = None, **fire_kwargs):
+def strict_fire(component, argv: Sequence[str] | None = None, name: str | None = None, exit_on: tuple = (),
+                **fire_kwargs):
     """``fire.Fire(component)`` after :func:`check_flags`: an unknown flag exits with status 2 before any work.
 
     Args:
         component: a function or a dict of command name -> function.
         argv: the arguments (default ``sys.argv[1:]``).
         name: the program's name (default: the script's file name).
+        exit_on: exception classes that end the program with ``<name>: error: <message>`` and status 1
+            (a tool's named errors, without a traceback).
         fire_kwargs: passed on to ``fire.Fire`` (e.g. ``serialize``).
     """
     import os
@@ -146,4 +149,7 @@ def strict_fire(component, argv: Sequence[str] | None = None, name: str | None =
     except UnknownFlagError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return fire.Fire(component, command=argv, name=name or prog, **fire_kwargs)
+    try:
+        return fire.Fire(component, command=argv, name=name or prog, **fire_kwargs)
+    except tuple(exit_on) as e:
+        sys.exit(f"{os.path.splitext(prog)[0]}: error: {e}")

@@ -26,7 +26,6 @@ import ast
 import json
 import os
 import re
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,10 +274,7 @@ def cli(argv=None) -> None:
     """Command line (strict flags: an unknown one exits with 2 before any work)."""
     from common.cli import strict_fire
 
-    try:
-        strict_fire(main, argv, name="check_data.py")
-    except CheckDataError as e:
-        sys.exit(f"check_data: error: {e}")
+    strict_fire(main, argv, name="check_data.py", exit_on=(CheckDataError,))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -420,10 +419,7 @@ def cli(argv=None) -> None:
     """Command line (strict flags: an unknown one exits with 2 before any work)."""
     from common.cli import strict_fire
 
-    try:
-        strict_fire(main, argv, name="export_bioimageio.py")
-    except ExportError as e:
-        sys.exit(f"export_bioimageio: error: {e}")
+    strict_fire(main, argv, name="export_bioimageio.py", exit_on=(ExportError,))
 
 
 if __name__ == "__main__":
