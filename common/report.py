@@ -211,6 +211,17 @@ def save_bar_plot(path: str, groups: Mapping[str, Mapping[str, float | Sequence[
     return save_figure(fig, path)
 
 
+def mean_sd(values, fmt: str = ".3f") -> str:
+    """``"mean ± sd"`` of ``values`` (sample sd, ddof 1), or just the value when there is one.
+
+    Args:
+        values: numbers (e.g. one metric over seeds).
+        fmt: format of both numbers.
+    """
+    v = np.asarray(list(values), float)
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if v.size > 1 else f"{v.mean():{fmt}}"
+
+
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, floatfmt: str = ".3f") -> str:
     """A Markdown table from a list of dicts (one row each)."""
     if not rows:

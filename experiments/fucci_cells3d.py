@@ -23,12 +23,12 @@ with watershed instances, then :func:`common.fucci.segmentation_report` on the t
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 
 import numpy as np
 
+from common.report import mean_sd
 from experiments.runner import bundle_dir, run_inprocess
 
 BUNDLE = bundle_dir("unet3d_fucci")
@@ -54,16 +54,15 @@ def load_cells3d(downsample: int = 2):
 
 
 def _manifest(path: str, rows: list[tuple[str, str, str]]) -> str:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path_image", "path_label", "path_instances"])
-        w.writerows([[os.path.relpath(p, os.path.dirname(path)) for p in r] for r in rows])
-    return path
+    from common.data import write_manifest
+
+    header = ("path_image", "path_label", "path_instances")
+    return write_manifest(path, [dict(zip(header, (os.path.relpath(p, os.path.dirname(path)) for p in r)))
+                                 for r in rows], header)
 
 
 def _mean_sd(values) -> str:
-    v = np.asarray([x for x in values if x is not None], np.float64)
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    return mean_sd(x for x in values if x is not None)
 
 
 def instance_diagnostics(gt_instances, pred_instances) -> dict:

@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 
+from common.report import mean_sd
 from experiments.runner import bundle_dir, run_subprocess
 
 BUNDLE = bundle_dir("isl_cell_instance")
@@ -278,19 +279,23 @@ def run_seed(out_dir: str = "benchmarks/isl_cell_instance", shots="1,5,20", down
 
 
 def _mean_sd(values) -> str:
-    v = np.asarray(values, np.float64)
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    return mean_sd(values)
 
 
-def main(out_dir: str = "benchmarks/isl_cell_instance", seeds=1, docs_dir: str | None = None, **kwargs) -> None:
+def main(out_dir: str = "benchmarks/isl_cell_instance", seeds=1, docs_dir: str | None = None, shots="1,5,20",
+         downsample: int = 2, iterations: int = 120, pretrain_iterations: int = 150, batch_size: int = 4,
+         patch: int = 128, learning_rate: float = 0.003, n_synthetic: int = 12, threads: int = 1,
+         inference_roi=(544, 704), min_object_size: int = 50, network: str = "cpu") -> None:
     """:func:`run_seed` once per seed (``seeds``: an int ``n`` = seeds ``0 .. n-1``, or a list) in
     ``out_dir/seed_<n>``, then the table of mean ± sd over seeds (``results.md``, ``results.json``,
-    ``ap_vs_shots.png`` with the per-seed means); ``kwargs`` go to :func:`run_seed`."""
+    ``ap_vs_shots.png`` with the per-seed means); the other arguments are :func:`run_seed`'s (explicit, so
+    that an unknown flag is refused before any work)."""
     from common.report import markdown_table, write_json
 
+    kwargs = dict(shots=shots, downsample=downsample, iterations=iterations, pretrain_iterations=pretrain_iterations,
+                  batch_size=batch_size, patch=patch, learning_rate=learning_rate, n_synthetic=n_synthetic,
+                  threads=threads, inference_roi=inference_roi, min_object_size=min_object_size, network=network)
     seeds = [int(s) for s in seeds] if isinstance(seeds, (list, tuple)) else list(range(int(seeds)))
-    if "seed" in kwargs:
-        raise ValueError("use --seeds (an int n for seeds 0..n-1, or a list)")
     out_dir = os.path.abspath(out_dir)
     t0 = time.time()
     runs = {s: run_seed(os.path.join(out_dir, f"seed_{s}"), seed=s, **kwargs) for s in seeds}

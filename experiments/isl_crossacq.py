@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from common.report import mean_sd
 from experiments import isl_data
 from experiments.runner import workflow
 
@@ -97,8 +98,7 @@ def _one(direction: str, variant: str, seed: int, train_csv: str, test_csv: str,
 
 
 def _ms(vals) -> str:
-    v = np.asarray(vals, float)
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+    return mean_sd(vals)
 
 
 def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str | None = None, seeds=(0, 1, 2),

@@ -49,13 +49,9 @@ def _down(img: np.ndarray, k: int, mask: bool = False) -> np.ndarray:
 
 def write_manifest(path: str, rows: list) -> str:
     """CSV with :data:`HEADER` and ``rows`` (paths relative to the CSV), written atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(HEADER)
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    from common.data import write_manifest as write
+
+    return write(path, [dict(zip(HEADER, r)) for r in rows], HEADER)
 
 
 def read_manifest_rows(path: str) -> list:

@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from common.report import mean_sd
 from experiments import isl_data
 from experiments.isl_crossacq import CPU_NET, train_and_test
 from experiments.runner import workflow
@@ -109,8 +110,7 @@ def _seed(seed: int, shared_stage0: bool, stage0_ckpt, stage0_iterations: int, d
 
 
 def _ms(vals) -> str:
-    v = np.asarray(vals, float)
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+    return mean_sd(vals)
 
 
 def run(out_dir: str = os.path.join(BUNDLE, "runs", "fewshot"), data_dir: str | None = None, seeds=(0, 1, 2),

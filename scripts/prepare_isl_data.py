@@ -23,7 +23,6 @@ reported. Files are written atomically; the manifests use paths relative to them
 
 from __future__ import annotations
 
-import csv
 import glob
 import os
 
@@ -57,13 +56,9 @@ def _read2d(path: str) -> np.ndarray:
 
 
 def _write_manifest(path: str, rows: list, header=("path_signal", "path_target", "path_label")) -> str:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    from common.data import write_manifest
+
+    return write_manifest(path, [dict(zip(header, r)) for r in rows], header)
 
 
 def _field(out: str, name: str, signal: np.ndarray, target: np.ndarray, label: np.ndarray | None) -> tuple:
