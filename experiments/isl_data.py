@@ -47,11 +47,17 @@ def _down(img: np.ndarray, k: int, mask: bool = False) -> np.ndarray:
     return (img >= 0.5).astype(np.uint8) if mask else img.astype(np.float32)
 
 
-def write_manifest(path: str, rows: list) -> str:
-    """CSV with :data:`HEADER` and ``rows`` (paths relative to the CSV), written atomically."""
+def write_manifest(path: str, rows: list, header=HEADER) -> str:
+    """CSV with ``header`` and ``rows`` (paths relative to the CSV), written atomically."""
     from common.data import write_manifest as write
 
-    return write(path, [dict(zip(HEADER, r)) for r in rows], HEADER)
+    return write(path, [dict(zip(header, r)) for r in rows], header)
+
+
+def read_header(path: str) -> list:
+    """The column names of a manifest."""
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
 
 
 def read_manifest_rows(path: str) -> list:

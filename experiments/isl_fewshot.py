@@ -55,7 +55,7 @@ def draw_tiles(pool_csv: str, n: int, seed: int, out_csv: str) -> str:
     if n > len(rows):
         raise ValueError(f"{pool_csv}: {len(rows)} tiles in the pool, cannot take N={n}")
     order = np.random.default_rng(int(seed)).permutation(len(rows))
-    return isl_data.write_manifest(out_csv, [rows[i] for i in order[:n]])
+    return isl_data.write_manifest(out_csv, [rows[i] for i in order[:n]], isl_data.read_header(pool_csv))
 
 
 def _evaluate_only(overrides: dict) -> list[float]:
