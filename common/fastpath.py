@@ -1,5 +1,6 @@
-"""Fast paths for training and inference: bf16 autocast on CPU, channels-last memory format,
-BatchNorm folding, ``torch.compile``, as MONAI inferers that a bundle config switches on.
+"""Fast paths for training and inference, as MONAI inferers that a bundle config switches on.
+
+The paths: bf16 autocast on CPU, channels-last memory format, BatchNorm folding, ``torch.compile``.
 
 Each optimisation is measured against the plain eager fp32 path by ``scripts/benchmark.py`` (see
 ``docs/performance.md``). One switch, ``fast``, turns on every path whose output is shown equal to

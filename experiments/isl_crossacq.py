@@ -97,10 +97,6 @@ def _one(direction: str, variant: str, seed: int, train_csv: str, test_csv: str,
     return r
 
 
-def _ms(vals) -> str:
-    return mean_sd(vals)
-
-
 def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str | None = None, seeds=(0, 1, 2),
         directions=tuple(DIRECTIONS), variants=("default",), iterations: int = 300, batch_size: int = 4,
         patch_size: int = 128, learning_rate: float = 1e-3, eval_roi: int = 256, downsample: int = 2,
@@ -162,7 +158,7 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
         for v in variants:
             rs = [r for r in results["runs"] if r["direction"] == d and r["variant"] == v]
             table.append({"trained on": train_acq, "tested on": test_acq, "variant": v, "seeds": len(rs),
-                          "IoU (mean ± sd)": _ms([r["val_iou"] for r in rs]),
+                          "IoU (mean ± sd)": mean_sd([r["val_iou"] for r in rs]),
                           "Otsu on real stain": f"{np.mean(results['otsu'][test_acq]):.3f}",
                           "per test image (mean over seeds)": ", ".join(
                               f"{v:.2f}" for v in np.mean([r["per_image"] for r in rs], axis=0)),

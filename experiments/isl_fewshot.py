@@ -109,10 +109,6 @@ def _seed(seed: int, shared_stage0: bool, stage0_ckpt, stage0_iterations: int, d
     return res
 
 
-def _ms(vals) -> str:
-    return mean_sd(vals)
-
-
 def run(out_dir: str = os.path.join(BUNDLE, "runs", "fewshot"), data_dir: str | None = None, seeds=(0, 1, 2),
         ns=(1, 2, 5), inits=("isl", "scratch"), stage0_ckpt: str | None = SHIPPED_STAGE0, stage0_iterations: int = 600,
         iterations: int = 100, batch_size: int = 4, patch_size: int = 128, learning_rate: float = 1e-3,
@@ -183,17 +179,17 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "fewshot"), data_dir: str | 
     results["jobs"] = int(jobs)
     results["wall_seconds"] = round(time.time() - t_start, 1)
 
-    table = [{"N tiles": "0 (stage 0 only)", "ISL-pretrained": _ms([z["val_iou"] for z in results["zero_shot"]]),
+    table = [{"N tiles": "0 (stage 0 only)", "ISL-pretrained": mean_sd([z["val_iou"] for z in results["zero_shot"]]),
               "from scratch": "-"}]
     for n in ns:
         row = {"N tiles": n}
         for init, name in (("isl", "ISL-pretrained"), ("scratch", "from scratch")):
             vals = [r["val_iou"] for r in results["runs"] if r["n_images"] == n and r["init"] == init]
-            row[name] = _ms(vals) if vals else "-"
+            row[name] = mean_sd(vals) if vals else "-"
         table.append(row)
     s0 = ("shipped models/model_stage0.pt" if shared_stage0 else
           f"stage 0 per seed ({stage0_iterations} iterations), Pearson r "
-          f"{_ms([r['val_pearson'] for r in results['stage0']])}")
+          f"{mean_sd([r['val_pearson'] for r in results['stage0']])}")
     md = [f"Held-out IoU on fig3a {', '.join(test_fields)} (mean ± sd over seeds {seeds}); {s0}; stage 1: "
           f"{iterations} iterations x {batch_size} crops of {patch_size}^2, lr {learning_rate}, sigmoid a {sigmoid_a}; "
           f"wall {results['wall_seconds']:.0f} s, {threads} thread(s) x {jobs} job(s).", "", markdown_table(table)]
