@@ -112,8 +112,9 @@ def test_export_passes_bioimageio_test_and_matches_the_bundle(bundle, weights, t
     saver = {"_target_": "Compose", "transforms": [
         {"_target_": "common.io.SaveOmeTiffd", "keys": "pred", "output_dir": str(tmp_path / "out"),
          "output_postfix": "_raw", "squeeze_channel": False}]}
+    # eager fp32 (fast false), as the package computes: the fast default's own tolerance is tests/test_fast_defaults.py
     run_bundle_inprocess(bundle, "inference.json", {"dataset_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"),
-                                                    "ckpt_path": ckpt, "evaluator#postprocessing": saver})
+                                                    "ckpt_path": ckpt, "evaluator#postprocessing": saver, "fast": False})
     bundle_out, _, _ = read_image(tmp_path / "out" / "sample_raw.ome.tif", spatial_dims=nd)
     assert bundle_out.shape == test_out.shape
     np.testing.assert_allclose(bundle_out, test_out, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(test_out).max())))
