@@ -144,7 +144,7 @@ def test_evaluate_accumulates_over_the_whole_set(trained, data, tmp_path):
 def test_ddp_two_cpu_processes(data, tmp_path):
     ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
               ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
-    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
+    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], dict(ov, resume=False), torchrun=2)
     n_patches = ov["epoch_length"] * ov["batch_size"]
     per_rank_iters = -(-n_patches // 2 // ov["batch_size"])
     assert f"Iter: {per_rank_iters}/{per_rank_iters}" in p.output

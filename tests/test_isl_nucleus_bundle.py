@@ -193,7 +193,7 @@ def test_monailabel_bundle_infer_task_writes_mask_of_input_size(tmp_path):
 
 def test_ddp_two_cpu_processes(data, tmp_path):
     ov = _overrides(data, tmp_path, stage=0, epoch_length=2, batch_size=2)
-    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
+    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], dict(ov, resume=False), torchrun=2)
     # each of the 2 ranks runs half of the epoch's crops
     per_rank = -(-ov["epoch_length"] * ov["batch_size"] // 2 // ov["batch_size"])
     assert f"Iter: {per_rank}/{per_rank}" in p.output and f"Iter: {per_rank + 1}/" not in p.output

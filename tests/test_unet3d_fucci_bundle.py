@@ -110,7 +110,7 @@ def test_evaluate_config_reports_dice(trained, tmp_path):
 def test_ddp_two_cpu_processes(data, tmp_path):
     # validation on the 2 training spheroids: MONAI's DistributedSampler needs an item per rank
     ov = dict(_train_overrides(data, tmp_path), val_manifest=data["train"])
-    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], ov, torchrun=2)
+    p = run_bundle(B, ["train.json", "multi_gpu_train.json"], dict(ov, resume=False), torchrun=2)
     n_patches = ov["epoch_length"] * ov["batch_size"]
     per_rank = -(-n_patches // 2 // ov["batch_size"])
     assert f"Iter: {per_rank}/{per_rank}" in p.output

@@ -112,7 +112,8 @@ def ddp_two_cpu_processes(bundle: str, overrides: dict):
     """``train.json`` + ``multi_gpu_train.json`` under torchrun with 2 CPU processes: each rank runs half of
     the epoch's patches (``Iter: n/n`` with n = ceil(patches / 2 / batch)) and rank 0 writes ``model.pt``;
     returns the CompletedProcess."""
-    p = run_bundle(bundle, ["train.json", "multi_gpu_train.json"], overrides, torchrun=2)
+    # resume false: a retried run (after a SIGABRT) starts afresh instead of resuming a finished one
+    p = run_bundle(bundle, ["train.json", "multi_gpu_train.json"], dict(overrides, resume=False), torchrun=2)
     per_rank = -(-overrides["epoch_length"] * overrides["batch_size"] // 2 // overrides["batch_size"])
     assert f"Iter: {per_rank}/{per_rank}" in p.output and f"Iter: {per_rank + 1}/" not in p.output
     assert os.path.isfile(os.path.join(overrides["ckpt_dir"], "model.pt"))
