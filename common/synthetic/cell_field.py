@@ -53,6 +53,12 @@ def cell_field_params(**overrides) -> dict:
         camera_offset=100.0,
         debris_per_1000um3=0.25,
         debris_peak=(1.5, 3.5),  # peak of a debris speck after the PSF, in units of nucleus density
+        debris_dn=0.05,  # refractive-index increment of a debris speck (0: invisible in bright field)
+        # out-of-stack haze: light from nuclei above/below the imaged stack (thick samples); it reaches the
+        # stain image as broad blobs and is absent from the transmitted light (0 = none, the default)
+        out_of_stack_haze=0.0,  # peak of that haze in units of nucleus density
+        out_of_stack_per_1000um2=4.0,  # such nuclei per 1000 um^2 of field
+        out_of_stack_sigma_um=3.0,  # lateral blur of their light
         # bright-field
         bf_absorption=0.6,  # relative intensity loss per unit dn (blurred), scattering out of the NA
         bf_blur_um=(0.6, 0.25),
@@ -67,6 +73,19 @@ def cell_field_params(**overrides) -> dict:
         raise TypeError(f"unknown parameter(s) {sorted(unknown)}; known: {sorted(p)}")
     p.update(overrides)
     return p
+
+
+def _out_of_stack(shape, sp, rng, p) -> np.ndarray:
+    """Broad blobs of out-of-stack nuclei's light, peak ~1, constant over z with a slow axial ramp."""
+    area = shape[1] * sp[1] * shape[2] * sp[2]
+    m = rng.poisson(p["out_of_stack_per_1000um2"] * area / 1000.0)
+    img = np.zeros(shape[1:], np.float32)
+    for y, x, w in zip(rng.integers(0, shape[1], m), rng.integers(0, shape[2], m), rng.uniform(0.5, 1.5, m)):
+        img[y, x] += w
+    sig = p["out_of_stack_sigma_um"] / sp[1:]
+    img = ndi.gaussian_filter(img, sig, mode="constant") * (2 * np.pi * float(np.prod(sig)))
+    ramp = np.linspace(rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0), shape[0], dtype=np.float32)
+    return (ramp[:, None, None] * img[None]).astype(np.float32)
 
 
 def make_cell_field_3d(shape: Sequence[int] = (32, 128, 128), n_cells: int = 12,
@@ -198,12 +217,15 @@ def make_cell_field_3d(shape: Sequence[int] = (32, 128, 128), n_cells: int = 12,
             continue
         debris.append(pos)
         dna[tuple(pos)] += rng.uniform(*p["debris_peak"]) / psf_peak
-        dn[tuple(pos)] += 0.05
+        dn[tuple(pos)] += p["debris_dn"]
     debris = np.array(debris, int).reshape(-1, 3)
 
     # --- DNA-stain image: PSF, haze, background, camera
     blurred = gaussian_psf_blur(dna, (psf_vox * sp).tolist(), sp)
     haze = blur_wide(blurred, p["haze_sigma_um"] / sp)
+    if p["out_of_stack_haze"] > 0:
+        oos = _out_of_stack(shape, sp, np.random.default_rng([seed, 1]), p)  # own stream: the rest is unchanged
+        haze = haze + (p["out_of_stack_haze"] / max(p["haze_fraction"], 1e-6)) * oos
     bg = 1 + p["background_variation"] * smooth_noise(shape, np.array([8.0, 20.0, 20.0]) / sp, rng)
     expected = (p["peak_photons"] * (blurred + p["haze_fraction"] * haze)
                 + p["background_photons"] * np.clip(bg, 0.2, None))

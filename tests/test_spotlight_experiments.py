@@ -1,0 +1,115 @@
+"""The Spotlight experiments: hazy phantoms, the 2D ablation (tiny run, determinism) and the 3D report's checks."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+
+def test_hazy_phantom_parameters():
+    """Defaults unchanged; out-of-stack haze brightens the stain's background only; debris_dn 0 hides debris."""
+    from common.synthetic import make_cell_field_3d
+
+    kw = dict(shape=(12, 48, 48), n_cells=3, seed=5, debris_per_1000um3=6.0)
+    base = make_cell_field_3d(**kw)
+    same = make_cell_field_3d(**kw, out_of_stack_haze=0.0, debris_dn=0.05)
+    for k in ("signal", "target", "labels", "ri"):
+        np.testing.assert_array_equal(base[k], same[k])
+    hazy = make_cell_field_3d(**kw, out_of_stack_haze=0.5)
+    np.testing.assert_array_equal(hazy["labels"], base["labels"])
+    bg = base["labels"] == 0
+    assert hazy["target"][bg].mean() > base["target"][bg].mean() + 5  # tens of photons of extra haze
+    hidden = make_cell_field_3d(**kw, debris_dn=0.0)
+    assert len(base["debris_zyx"]) > 0
+    idx = tuple(base["debris_zyx"].T)
+    np.testing.assert_allclose(base["ri"][idx] - hidden["ri"][idx], 0.05, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,want", [("mse", ("mse", None, 1.0, None)), ("min@0.5", ("spotlight", "min", 0.5, None)),
+                                       ("rescaled@0.3+warm", ("spotlight", "rescaled", 0.3, "warm")),
+                                       ("none@0.7+bias", ("spotlight", "none", 0.7, "bias"))])
+def test_parse_variant(name, want):
+    from experiments.spotlight_ablation import parse_variant
+
+    v = parse_variant(name)
+    assert (v["loss"], v["clamp"], v["lam"], v["init"]) == want
+    assert parse_variant("min@0.5+soft")["k"] == -0.6 and v["k"] == -0.95
+
+
+@pytest.mark.parametrize("bad", ["mse2", "max@0.5", "min@", "min@0.5+hot"])
+def test_parse_variant_rejects(bad):
+    from experiments.spotlight_ablation import parse_variant
+
+    with pytest.raises(ValueError, match="variant"):
+        parse_variant(bad)
+
+
+def test_converged_is_the_trend_over_the_last_fifth():
+    from experiments.spotlight_ablation import converged
+
+    it = np.arange(100, 1100, 100)
+    # a line rising 0.001 per 100 iterations: change over the last 200 iterations = 0.002
+    ok, change = converged(it, 0.5 + 1e-5 * it)
+    assert ok and change == pytest.approx(0.002)
+    # noise around a plateau is not learning; a steady rise of 0.05 per 200 iterations is
+    ok, change = converged(it, [0.5, 0.6, 0.55, 0.6, 0.58, 0.6, 0.59, 0.6, 0.61, 0.6])
+    assert ok
+    ok, change = converged(it, 2.5e-4 * it)
+    assert not ok and change == pytest.approx(0.05)
+
+
+def test_expectations_by_hand():
+    from experiments.spotlight_vs_fnet import expectations
+
+    per_seed = {"F-net (MSE)": {"bg_std": [10, 10, 10], "psnr_fg": [20, 20, 20], "ap50": [0.5, 0.5, 0.5]},
+                "Spotlight": {"bg_std": [4, 6, 5], "psnr_fg": [19.5, 18.5, 19.3], "ap50": [0.6, 0.52, 0.58]}}
+    c = {x["expectation"].split()[0]: x for x in expectations(per_seed)}
+    assert c["background"]["holds"] and c["background"]["seeds"] == "2/3" and "0.50" in c["background"]["measured"]
+    assert c["foreground"]["holds"] and c["foreground"]["seeds"] == "2/3"  # mean -0.9 dB
+    assert c["AP@0.5"]["holds"] and c["AP@0.5"]["seeds"] == "2/3"  # mean +0.067
+
+
+def test_bundle_overrides_identical_but_for_the_loss():
+    from experiments.spotlight_vs_fnet import overrides
+
+    f = overrides(1, 100, 5)
+    s = overrides(1, 100, 5, {"lambda_mse": 0.3})
+    assert {k: v for k, v in s.items() if k != "lambda_mse"} == f
+    assert f["epoch_length"] * f["num_epochs"] == 100 and f["resume"] is False
+
+
+@pytest.fixture(scope="module")
+def tiny_ablation(tmp_path_factory):
+    from experiments import spotlight_ablation
+
+    out = tmp_path_factory.mktemp("abl")
+    spotlight_ablation.main(out_dir=str(out), seeds=1, variants=["mse", "min@0.5+warm"], iterations=6, batch=2,
+                            patch=32, jobs=1, n_volumes=(2, 1, 1))
+    return out
+
+
+def test_tiny_ablation_writes_table_curves_and_warm_start(tiny_ablation):
+    res = json.loads((tiny_ablation / "results.json").read_text())
+    assert set(res) == {"mse_s0", "min@0.5+warm_s0"}
+    for r in res.values():
+        assert r["history"]["iteration"][-1] == 6 and len(r["history"]["val_pearson"]) >= 2
+        for k in ("pearson", "psnr_fg", "bg_std", "ap50", "ap75", "mAP", "bg_above"):
+            assert np.isfinite(r["metrics"][k])
+    table = (tiny_ablation / "ablation.md").read_text()
+    assert "| min@0.5+warm |" in table and "bg std / F-net" in table
+    assert (tiny_ablation / "curves.png").stat().st_size > 1000
+    # the ratio to F-net of F-net itself is 1
+    assert "| mse | " in table and "| 1.00 |" in table.split("| mse |")[1].split("\n")[0]
+
+
+def test_seeded_training_is_deterministic(tiny_ablation):
+    """Same seed, same data: the same loss history and validation values (CPU)."""
+    from experiments.spotlight_ablation import train_one
+
+    data = str(tiny_ablation / "data")
+    a = train_one("min@0.5", 3, data, 4, 2, 32)["history"]
+    b = train_one("min@0.5", 3, data, 4, 2, 32)["history"]
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a["val_pearson"], b["val_pearson"], rtol=0, atol=1e-6)
+    assert os.path.isfile(tiny_ablation / "runs" / "min@0.5_s3.pt")
