@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser
 
 from common.cli import BooleanValueError, as_bool
 from common.synthetic import write_dataset_3d
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, split_manifest
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle_here, split_manifest
 
 SPELLINGS = {"true": True, "false": False, "True": True, "False": False, "1": True, "0": False}
 
@@ -129,13 +129,13 @@ def test_resume_false_restarts_for_real(tmp_path):
                           {"train": 1, "val": 1})
     ov = dict(TINY[b], **dict(TINY_TRAIN[b], num_epochs=1, epoch_length=2), train_manifest=data["train"],
               val_manifest=data["val"], ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
-    run_bundle(b, "train.json", ov)
+    run_bundle_here(b, "train.json", ov)
     assert glob.glob(str(tmp_path / "runs" / "checkpoints" / "checkpoint*.pt"))
     wider = dict(ov, **{"network_def#mult_chan": 6})
-    p = run_bundle(b, "train.json", dict(wider, resume="false"))
+    p = run_bundle_here(b, "train.json", dict(wider, resume="false"))
     resumed = "resuming from " + str(tmp_path / "runs" / "checkpoints")  # common.handlers.Resumable's line
     assert resumed not in p.output
     sd = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert sd["conv_out.weight"].shape[1] == 6  # the new, wider network was trained and saved
-    p = run_bundle(b, "train.json", dict(wider, resume="true", num_epochs=2))  # and `true` does resume
+    p = run_bundle_here(b, "train.json", dict(wider, resume="true", num_epochs=2))  # and `true` does resume
     assert resumed in p.output

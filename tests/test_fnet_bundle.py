@@ -10,7 +10,7 @@ import torch
 from common.handlers import latest_checkpoint, latest_loadable_checkpoint
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_dataset_3d
-from zoo_testing import TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle, split_manifest
+from zoo_testing import TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle_here, split_manifest
 
 B = "fnet_baseline"
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fnet_run")
     ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"],
               ckpt_dir=str(out / "models"), output_dir=str(out / "runs"))
-    p = run_bundle(B, "train.json", ov)
+    p = run_bundle_here(B, "train.json", ov)
     return out, ov, p
 
 
@@ -46,7 +46,7 @@ def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
     out, ov, _ = trained
     vol = np.random.default_rng(0).random((37, 150, 171)).astype(np.float32)
     write_ome_tiff(tmp_path / "in" / "odd.ome.tif", vol, spacing_um=(0.4, 0.3, 0.3))
-    run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
+    run_bundle_here(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
                                          ckpt_path=str(out / "models" / "model.pt")))
     pred, spacing, known = read_image(tmp_path / "pred" / "odd_pred.ome.tif")
     assert pred.shape == (1, 37, 150, 171)
@@ -57,7 +57,7 @@ def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
 
 def test_evaluate_config_reports_metrics(trained, tmp_path):
     out, ov, _ = trained
-    p = run_bundle(B, ["train.json", "evaluate.json"], dict(ov, bundle_root=str(tmp_path)))
+    p = run_bundle_here(B, ["train.json", "evaluate.json"], dict(ov, bundle_root=str(tmp_path)))
     assert "val_pearson" in p.output
     assert os.path.isfile(tmp_path / "eval" / "val_pearson_raw.csv")
 
@@ -92,7 +92,7 @@ def test_bad_input_named_before_training(data, tmp_path):
         f.write(f"{os.path.join(folder, rows[0]['path_signal'])},{os.path.join(folder, 'nope.ome.tif')}\n")
     ov = dict(TINY[B], **TINY_TRAIN[B], train_manifest=str(bad), val_manifest=data["val"],
               ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
-    p = run_bundle(B, "train.json", ov, check=False)
+    p = run_bundle_here(B, "train.json", ov, check=False)
     assert p.returncode != 0
     assert "ManifestError" in p.output and "nope.ome.tif: file not found" in p.output and "line 2" in p.output
     assert "Epoch:" not in p.output and not os.path.exists(tmp_path / "models" / "model.pt")

@@ -16,7 +16,7 @@ from common.io import read_image, write_ome_tiff
 from common.metrics import aggregated_jaccard_index, dataset_average_precision
 from common.synthetic import make_dic_membrane_2d, write_dataset_2d_dic
 from common.transforms import ZScoreNormalize, as_instance_labels
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, split_manifest
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, run_bundle_here, run_bundle_inprocess, split_manifest
 
 B = "isl_cell_instance"
 pytestmark = pytest.mark.slow
@@ -34,20 +34,12 @@ def data(tmp_path_factory):
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("isl_cell_run")
     base = dict(TINY[B], **TINY_TRAIN[B], train_manifest=data["train"], val_manifest=data["val"])
-    p0 = run_bundle(B, ["train.json", "pretrain.json"],
-                    dict(base, ckpt_dir=str(out / "stage0" / "models"), output_dir=str(out / "stage0" / "runs")))
+    p0 = run_bundle_here(B, ["train.json", "pretrain.json"],
+                         dict(base, ckpt_dir=str(out / "stage0" / "models"), output_dir=str(out / "stage0" / "runs")))
     stage0 = out / "stage0" / "models" / "model.pt"
     ov = dict(base, stage0_ckpt=str(stage0), ckpt_dir=str(out / "models"), output_dir=str(out / "runs"))
-    p1 = run_bundle(B, "train.json", ov)
+    p1 = run_bundle_here(B, "train.json", ov)
     return out, ov, p0, p1
-
-
-def _run_inprocess(configs, overrides):
-    """The MONAI bundle runner in this process (``monai.bundle.run``; saves an interpreter start-up)."""
-    from monai.bundle import run
-
-    cfg = [os.path.join(BUNDLES, B, "configs", c) for c in ([configs] if isinstance(configs, str) else configs)]
-    run(config_file=cfg, **dict({"bundle_root": os.path.join(BUNDLES, B)}, **overrides))
 
 
 def _crafted_checkpoint(src, dst, dic):
@@ -106,8 +98,8 @@ def test_inference_any_size_gives_int_labels_with_voxel_size(trained, tmp_path):
     out, _, _, _ = trained
     d = make_dic_membrane_2d((75, 113), n_cells=5, seed=11, pixel_size_um=0.8)
     write_ome_tiff(tmp_path / "in" / "odd.ome.tif", d["dic"], "CYX", d["spacing_um"])
-    _run_inprocess("inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
-                                          ckpt_path=str(out / "models" / "model.pt")))
+    run_bundle_inprocess(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
+                                                ckpt_path=str(out / "models" / "model.pt")))
     lab, spacing, known = read_image(tmp_path / "pred" / "odd_instances.ome.tif", spatial_dims=2)
     assert lab.shape == (1, 75, 113) and lab.dtype == np.int32 and lab.min() >= 0
     assert known and np.allclose(spacing, (0.8, 0.8))
@@ -121,9 +113,9 @@ def test_evaluate_accumulates_over_the_whole_set(trained, data, tmp_path):
     first = next(csv.DictReader(open(data["val"])))["path_signal"]
     dic = read_image(os.path.join(os.path.dirname(data["val"]), first), 2)[0]
     _crafted_checkpoint(out / "models" / "model.pt", tmp_path / "models" / "model.pt", dic)
-    _run_inprocess(["train.json", "evaluate.json"],
-                   dict(ov, bundle_root=str(tmp_path), ckpt_dir=str(tmp_path / "models"), val_manifest=data["val"],
-                        h=0.05))
+    run_bundle_inprocess(B, ["train.json", "evaluate.json"],
+                         dict(ov, bundle_root=str(tmp_path), ckpt_dir=str(tmp_path / "models"), val_manifest=data["val"],
+                              h=0.05))
     saved = dict(line.strip().split(",") for line in open(tmp_path / "eval" / "metrics.csv"))
     folder = os.path.dirname(data["val"])
     gts, preds = [], []

@@ -9,7 +9,7 @@ from ignite.engine import Engine, Events
 
 from common.progress import OutputFiles, TrainingProgress
 from common.synthetic import write_dataset_3d
-from zoo_testing import TINY, TINY_TRAIN, run_bundle, split_manifest
+from zoo_testing import TINY, TINY_TRAIN, run_bundle_here, split_manifest
 
 
 def _trainer(epochs=3, length=7):
@@ -65,7 +65,7 @@ def test_bundle_training_shows_progress_not_a_line_per_iteration(tmp_path):
                           {"train": 1, "val": 1})
     ov = dict(TINY[b], **dict(TINY_TRAIN[b], epoch_length=6, num_epochs=2), train_manifest=data["train"],
               val_manifest=data["val"], ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
-    p = run_bundle(b, "train.json", ov)
+    p = run_bundle_here(b, "train.json", ov)
     iters = re.findall(r"Epoch: \d/2, Iter: \d/6", p.output)
     assert iters == ["Epoch: 1/2, Iter: 1/6", "Epoch: 1/2, Iter: 6/6", "Epoch: 2/2, Iter: 1/6", "Epoch: 2/2, Iter: 6/6"]
     assert "it/s" in p.output and "train_loss" in p.output

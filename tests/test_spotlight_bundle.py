@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from common.io import read_image, write_ome_tiff
 from common.spotlight import OtsuStandardize, SpotlightLoss
 from common.synthetic import write_dataset_3d
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle, split_manifest
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle_here, split_manifest
 
 B = "spotlight_dna"
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def _ov(data, out):
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("spotlight_run")
     ov = _ov(data, out)
-    return out, ov, run_bundle(B, "train.json", ov)
+    return out, ov, run_bundle_here(B, "train.json", ov)
 
 
 def test_train_writes_model_metrics_and_tensorboard(trained):
@@ -76,7 +76,7 @@ def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
     out, ov, _ = trained
     vol = np.random.default_rng(0).random((21, 70, 45)).astype(np.float32)
     write_ome_tiff(tmp_path / "in" / "odd.ome.tif", vol, spacing_um=(0.4, 0.3, 0.3))
-    run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
+    run_bundle_here(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
                                          ckpt_path=str(out / "models" / "model.pt")))
     pred, spacing, known = read_image(tmp_path / "pred" / "odd_pred.ome.tif")
     assert pred.shape == (1, 21, 70, 45)
@@ -87,7 +87,7 @@ def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
 
 def test_evaluate_config_reports_metrics(trained, tmp_path):
     out, ov, _ = trained
-    p = run_bundle(B, ["train.json", "evaluate.json"], dict(ov, bundle_root=str(tmp_path)))
+    p = run_bundle_here(B, ["train.json", "evaluate.json"], dict(ov, bundle_root=str(tmp_path)))
     assert "val_fg_pearson" in p.output
     assert os.path.isfile(tmp_path / "eval" / "val_fg_pearson_raw.csv")
 
@@ -113,7 +113,7 @@ def test_bad_input_named_before_training(data, tmp_path):
         f.write(f"{os.path.join(folder, rows[0]['path_signal'])},{os.path.join(folder, 'nope.ome.tif')}\n")
         f.write(f"{os.path.join(folder, rows[1]['path_signal'])},{const}\n")
     ov = dict(_ov(data, tmp_path), train_manifest=str(bad))
-    p = run_bundle(B, "train.json", ov, check=False)
+    p = run_bundle_here(B, "train.json", ov, check=False)
     assert p.returncode != 0 and "ManifestError" in p.output
     assert "nope.ome.tif: file not found" in p.output and "line 2" in p.output
     assert "flat.ome.tif: constant image" in p.output and "line 3" in p.output  # no foreground to learn

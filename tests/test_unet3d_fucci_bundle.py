@@ -15,7 +15,7 @@ from common import fucci as F
 from common.handlers import latest_checkpoint
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_fucci_dataset
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, run_bundle_here
 
 B = "unet3d_fucci"
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def _train_overrides(data, out):
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fucci_run")
     ov = _train_overrides(data, out)
-    p = run_bundle(B, "train.json", ov)
+    p = run_bundle_here(B, "train.json", ov)
     return out, ov, p
 
 
@@ -75,7 +75,7 @@ def predicted(trained, data, tmp_path_factory):
     vol = np.random.default_rng(0).random((3, 3, 37, 45)).astype(np.float32) * 200
     write_ome_tiff(d / "in" / "thin.ome.tif", vol, "CZYX", (5.0, 0.5, 0.5))
     shutil.copy(data["image"], d / "in" / "spheroid.ome.tif")
-    run_bundle(B, "inference.json", dict(TINY[B], dataset_dir=str(d / "in"), output_dir=str(d / "pred"),
+    run_bundle_here(B, "inference.json", dict(TINY[B], dataset_dir=str(d / "in"), output_dir=str(d / "pred"),
                                          ckpt_path=str(out / "models" / "model.pt"), input_channels=[2],
                                          instance_method="connected_components"))
     return d / "pred"
@@ -102,7 +102,7 @@ def test_inference_instances_are_the_components_of_its_semantic_map(predicted, d
 
 def test_evaluate_config_reports_dice(trained, tmp_path):
     out, ov, _ = trained
-    p = run_bundle(B, ["train.json", "evaluate.json"], dict(ov, bundle_root=str(tmp_path)))
+    p = run_bundle_here(B, ["train.json", "evaluate.json"], dict(ov, bundle_root=str(tmp_path)))
     assert "val_mean_dice" in p.output
     assert os.path.isfile(tmp_path / "eval" / "val_mean_dice_raw.csv")
 
@@ -126,7 +126,7 @@ def test_bad_input_named_before_training(data, tmp_path):
                    f"{os.path.join(folder, rows[0]['path_image'])},{os.path.join(folder, rows[0]['path_instances'])}\n"
                    f"{os.path.join(folder, rows[0]['path_image'])},{os.path.join(folder, 'nope.ome.tif')}\n")
     ov = dict(_train_overrides(data, tmp_path), train_manifest=str(bad))
-    p = run_bundle(B, "train.json", ov, check=False)
+    p = run_bundle_here(B, "train.json", ov, check=False)
     assert p.returncode != 0
     assert "ManifestError" in p.output and "an instance map?" in p.output and "nope.ome.tif: file not found" in p.output
     assert "line 2" in p.output and "line 3" in p.output

@@ -1,7 +1,15 @@
-"""Helpers for the bundle tests: run MONAI bundle commands in subprocesses, tiny CPU overrides."""
+"""Helpers for the bundle tests: run MONAI bundle commands and the tools (in this process or as a
+subprocess), tiny CPU overrides, tiny and shipped models with their sample inputs."""
 
+import contextlib
+import io
 import json
+import logging
 import os
+import subprocess
+import sys
+import traceback
+import warnings
 
 from experiments import runner
 from experiments.runner import BUNDLES, ROOT, cli_overrides  # noqa: F401 (re-exported for the tests)
@@ -42,6 +50,96 @@ def run_bundle_inprocess(bundle: str, configs, overrides: dict):
     """Run a bundle config with MONAI's bundle runner in this process (no interpreter start-up: for the
     many short runs of the bad-input catalogue). Exceptions propagate as they would reach the CLI."""
     runner.run_inprocess(bundle, configs, overrides)
+
+
+@contextlib.contextmanager
+def _captured(cwd=None):
+    """This process's stdout, stderr and INFO log records (as the bundles' logging.conf prints them) in
+    two buffers; ``cwd`` the working directory meanwhile. Logging, argv and cwd are restored after."""
+    out, err = io.StringIO(), io.StringIO()
+    out.zoo_stream, err.zoo_stream = "out", "err"
+    handler = logging.StreamHandler(out)  # the bundles' logging.conf: INFO and above to stdout
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    stdout, stderr = sys.stdout, sys.stderr
+    saved = (root.level, list(root.handlers), os.getcwd(), list(sys.argv))
+    # loggers that print themselves (MONAI's StatsHandler logger does not propagate): print here meanwhile
+    rebound = {}
+    for h in _stream_handlers():
+        kind = getattr(h.stream, "zoo_stream", None) or (
+            "out" if h.stream in (stdout, sys.__stdout__) else "err" if h.stream in (stderr, sys.__stderr__) else None)
+        if kind:
+            rebound[h] = h.stream
+            h.setStream(out if kind == "out" else err)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        if cwd is not None:
+            os.chdir(str(cwd))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield out, err
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        for h in _stream_handlers():  # handlers made meanwhile print to this process's streams again
+            if h.stream in (out, err):
+                h.setStream(rebound.get(h, stdout if h.stream is out else stderr))
+        os.chdir(saved[2])
+        sys.argv[:] = saved[3]
+
+
+def _stream_handlers():
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    return [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
+
+
+def _completed(args, returncode: int, out: io.StringIO, err: io.StringIO, check: bool) -> subprocess.CompletedProcess:
+    p = subprocess.CompletedProcess(args, returncode, out.getvalue(), err.getvalue())
+    p.output = p.stdout + p.stderr
+    if check and returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({returncode}):\n{p.output[-8000:]}")
+    return p
+
+
+def run_bundle_here(bundle: str, configs, overrides: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """:func:`run_bundle` in this process (``experiments.runner.run_inprocess``, from the bundle's folder):
+    the same CompletedProcess (``output`` = the printed and logged lines, an exception's traceback; exit
+    status 1 on an exception) without the interpreter start-up of a subprocess (seconds of imports).
+    For the tests that check what a run does; the command line itself is checked by the docs test
+    (tests/test_docs.py), the DDP and kill tests and tests/test_shipped_models.py."""
+    with _captured(cwd=runner.bundle_dir(bundle)) as (out, err):
+        try:
+            runner.run_inprocess(bundle, configs, overrides)
+            rc = 0
+        except Exception:
+            traceback.print_exc(file=err)
+            rc = 1
+    return _completed(["run_inprocess", bundle, str(configs)], rc, out, err, check)
+
+
+def run_script(module: str, *args, cwd=None, check: bool = False) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` (a tool's ``__main__`` block: its flag parsing, output and exit
+    status) run in this process with :mod:`runpy`, from ``cwd``: a CompletedProcess with the exit status
+    (``SystemExit``'s code; 1 and the traceback on stderr for an exception), stdout and stderr."""
+    import runpy
+
+    argv = [module, *map(str, args)]
+    with _captured(cwd=cwd) as (out, err):
+        sys.argv[:] = argv
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
+                runpy.run_module(module, run_name="__main__", alter_sys=False)
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+        except Exception:
+            traceback.print_exc(file=err)
+            rc = 1
+    return _completed(["python", "-m", *argv], rc, out, err, check)
 
 
 def tiny_model(bundle: str, folder, settings: dict | None = None, **overrides) -> str:
@@ -134,7 +232,7 @@ def resume_after_kill(bundle: str, overrides: dict, ckpt_dir: str, min_epoch: in
     assert set(state) >= {"network", "optimizer", "trainer"}
     saved_epoch = state["trainer"]["iteration"] // L
     assert saved_epoch >= min_epoch and f"epoch={saved_epoch}" in last
-    p = run_bundle(bundle, "train.json", dict(overrides, num_epochs=saved_epoch + 1))
+    p = run_bundle_here(bundle, "train.json", dict(overrides, num_epochs=saved_epoch + 1))
     assert f"resuming from {last}" in p.output
     assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}, Iter: 1/{L}" in p.output and "Epoch: 1/" not in p.output
     return p, last, state, saved_epoch
