@@ -3,8 +3,6 @@ the CSV line and the file; exit code 1, or 0 and one summary line; nothing writt
 
 import csv
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,14 +11,12 @@ from PIL import Image
 
 from common.io import write_ome_tiff
 from common.synthetic import write_dataset_3d
-from zoo_testing import ROOT, env
-
-SCRIPT = os.path.join(ROOT, "scripts", "check_data.py")
+from zoo_testing import run_script
 
 
 def _check(*args, cwd):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env(),
-                          cwd=str(cwd), timeout=300)
+    """``python scripts/check_data.py <args>`` (its ``__main__`` block, in this process: zoo_testing.run_script)."""
+    return run_script("scripts.check_data", *args, cwd=cwd)
 
 
 def _snapshot(path):

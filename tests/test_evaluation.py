@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from common.io import write_ome_tiff
 from common.metrics import background_variability
 from common.synthetic import make_cell_field_3d, write_dataset_3d
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from zoo_testing import run_script
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +129,9 @@ def test_evaluate_script_end_to_end(tmp_path):
         noisy = tgt[0] + rng.normal(0, 3 * tgt[0].std(), tgt[0].shape)
         write_ome_tiff(tmp_path / "noisy" / f"{stem}_pred.ome.tif", noisy.astype(np.float32), spacing_um=sp)
     out = tmp_path / "report"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--manifest", str(data / "test.csv"),
-           "--predictions", f"perfect={tmp_path / 'perfect'},noisy={tmp_path / 'noisy'}", "--out_dir", str(out),
-           "--target_range", "0,1000", "--tune", "False", "--microssim", "False", "--sweep_levels", "[0.0,0.2]"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    p = _evaluate_cli("--manifest", data / "test.csv", "--predictions",
+                      f"perfect={tmp_path / 'perfect'},noisy={tmp_path / 'noisy'}", "--out_dir", out, "--target_range", "0,1000", "--tune", "False", "--microssim", "False",
+                      "--sweep_levels", "[0.0,0.2]", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.load(open(out / "metrics.json"))
     # an increasing affine map of the target is rescaled back onto the target range: the same segmentation
@@ -192,8 +189,8 @@ def test_segment_cellpose_backend_wiring(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ voxel sizes
 def _evaluate_cli(*args, cwd):
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(cwd))
+    """``python scripts/evaluate.py <args>`` (its ``__main__`` block, in this process: zoo_testing.run_script)."""
+    return run_script("scripts.evaluate", *args, cwd=cwd)
 
 
 def _last_line(p):

@@ -10,13 +10,11 @@ import ast
 import glob
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from common.cli import UnknownFlagError, check_flags, strict_fire
-from zoo_testing import ROOT, env
+from zoo_testing import ROOT, run_script
 
 
 
@@ -136,11 +134,11 @@ MINE = [p for p in SCRIPTS if os.path.basename(p) not in OTHERS]
 
 @pytest.mark.parametrize("path", MINE, ids=[os.path.basename(p) for p in MINE])
 def test_unknown_flag_is_refused_before_any_work(path, tmp_path):
+    """The tool's ``__main__`` block (run in this process: zoo_testing.run_script) exits with status 2 and
+    names the flag before it writes or starts anything."""
     targets, _, _ = _fire_targets(path)
     cmd = [] if None in targets else [sorted(targets)[0]]
-    run = [path] if _package(path) == "scripts" else ["-m", f"{_package(path)}.{os.path.basename(path)[:-3]}"]
-    p = subprocess.run([sys.executable, *run, *cmd, "--no_such_flag", "1"],
-                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    p = run_script(f"{_package(path)}.{os.path.basename(path)[:-3]}", *cmd, "--no_such_flag", "1", cwd=tmp_path)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "unknown flag(s) --no_such_flag" in p.stderr
     assert os.listdir(tmp_path) == []  # nothing written, nothing started

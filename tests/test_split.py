@@ -2,13 +2,11 @@
 
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
 
 from common.data import ManifestError, load_manifest, split_manifest, split_rows, write_manifest
-from zoo_testing import ROOT, env
+from zoo_testing import ROOT, run_script
 
 
 def _rows(n, groups=None):
@@ -84,27 +82,25 @@ def test_split_manifest_elsewhere_points_at_the_same_files(tmp_path):
 
 def test_make_synthetic_writes_the_split_that_training_reads(tmp_path):
     out = tmp_path / "cells"
-    p = subprocess.run([sys.executable, "scripts/make_synthetic.py", "cells3d", "--out_dir", str(out), "--n_volumes", "3",
-                        "--shape", "8,32,32", "--n_cells", "3"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    p = run_script("scripts.make_synthetic", "cells3d", "--out_dir", out, "--n_volumes", "3", "--shape", "8,32,32",
+                   "--n_cells", "3", cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert {"manifest.csv", "train.csv", "val.csv", "test.csv"} <= set(os.listdir(out))
     assert [len(_read(out / f"{n}.csv")) for n in ("train", "val", "test")] == [1, 1, 1]
     assert _read(out / "manifest.csv") == _read(out / "train.csv") + _read(out / "val.csv") + _read(out / "test.csv")
     assert len(load_manifest(out / "train.csv", spatial_dims=3)) == 1  # what train.json reads
     # a split that leaves no training volume is refused before anything is written
-    p = subprocess.run([sys.executable, "scripts/make_synthetic.py", "cells3d", "--out_dir", str(tmp_path / "no"),
-                        "--n_volumes", "2"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    p = run_script("scripts.make_synthetic", "cells3d", "--out_dir", tmp_path / "no", "--n_volumes", "2", cwd=ROOT)
     assert p.returncode != 0 and "at least one for training" in p.stderr and not (tmp_path / "no").exists()
 
 
 def test_split_manifest_script(tmp_path):
     rows = [{"path_signal": f"s{i}.tif", "field": f"f{i // 2}"} for i in range(12)]
     manifest = write_manifest(tmp_path / "manifest.csv", rows)
-    cmd = [sys.executable, "scripts/split_manifest.py", str(manifest), "--val", "1", "--test", "1",
-           "--group_column", "field", "--seed", "2"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
+    cmd = ["scripts.split_manifest", manifest, "--val", "1", "--test", "1", "--group_column", "field", "--seed", "2"]
+    p = run_script(*cmd, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     sizes = {n: len(_read(tmp_path / f"{n}.csv")) for n in ("train", "val", "test")}
     assert sizes == {"train": 8, "val": 2, "test": 2}  # 6 fields of 2 rows: 4 / 1 / 1 fields
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)  # exists: refused, named
+    p = run_script(*cmd, cwd=ROOT)  # exists: refused, named
     assert p.returncode != 0 and "--overwrite" in p.stderr
