@@ -161,9 +161,10 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
     """
     import torch
 
-    from common.fucci import prepare_ground_truth, save_preprocessing_preview, segmentation_report, write_ground_truth
+    from common.fucci import prepare_ground_truth, segmentation_report, write_ground_truth
     from common.io import read_image, write_ome_tiff
     from common.report import markdown_table, save_mip_figure, write_json
+    from scripts.fucci_prepare_gt import preview as preprocessing_preview
 
     torch.set_num_threads(int(threads))
     t0 = time.time()
@@ -305,8 +306,8 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
                     spacing=spacing, overlays={"ground truth": gt["test"][1], "watershed (nucleus class)": first["ws"],
                                                "watershed + edges": first["ws_edges"], "classical": cl_inst},
                     title=f"cells3d test half, seed {seeds[0]}: instance outlines on max-projections")
-    save_preprocessing_preview(os.path.join(rep, "preprocessing.png"), files["test"][0],
-                               os.path.join(BUNDLE, "configs", "inference.json"))
+    preprocessing_preview(files["test"][0], os.path.join(rep, "preprocessing.png"),
+                          os.path.join(BUNDLE, "configs", "inference.json"))
     table = markdown_table(rows)
     diag = ["| seed | matched IoU (test, watershed) | pred / true volume | splits | merges | missed | false |",
             "|---|---|---|---|---|---|---|"]

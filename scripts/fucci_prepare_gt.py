@@ -174,19 +174,42 @@ def from_cellpose(images: str, pretrained_model: str, out_dir: str, channel: int
 def preview(image: str, out: str = "preprocessing_preview.png", config: str | None = None,
             input_channels=(0,), **overrides) -> str:
     """The bundle's preprocessing applied step by step to one stack: orthogonal max-projections after
-    each enabled step (before/after PNG).
+    each enabled step (before/after PNG, first input channel shown), written atomically.
 
     Args:
         image: a ``ZYX`` / ``CZYX`` stack.
         out: PNG path.
-        config: bundle config with the ``intensity`` list (default: the bundle's inference.json).
+        config: bundle config with the ``intensity`` list (and ``input_channels``, ``preproc``; default:
+            the bundle's inference.json).
         input_channels: channels fed to the network (the first one is shown).
-        **overrides: config overrides, e.g. ``--preproc#gamma 0.7 --preproc#tophat_enabled True``.
-    """
-    from common.fucci import save_preprocessing_preview
+        **overrides: config overrides, e.g. ``--preproc#gamma 0.7 --preproc#tophat_enabled True``
+            (``__`` may stand for ``#``).
 
-    path = save_preprocessing_preview(out, image, config or os.path.join(BUNDLE, "configs", "inference.json"),
-                                      input_channels=input_channels, **overrides)
+    Returns:
+        the PNG path.
+    """
+    from monai.bundle import ConfigParser
+
+    from common.io import LoadMicroscopy
+    from common.report import save_mip_figure
+
+    parser = ConfigParser()
+    parser.read_config(str(config or os.path.join(BUNDLE, "configs", "inference.json")))
+    parser["input_channels"] = [int(c) for c in np.atleast_1d(input_channels)]
+    for k, v in overrides.items():
+        parser[k.replace("__", "#")] = v
+    img = LoadMicroscopy(spatial_dims=3)(str(image))
+    d = {"image": img}
+    panels = {}
+    for t in parser.get_parsed_content("intensity"):
+        d = t(d)
+        name = type(t).__name__.removesuffix("d")
+        if name == "Lambda":
+            panels["input"] = np.asarray(d["image"][0])
+        elif getattr(getattr(t, "t", None), "enabled", True):
+            panels["scaled to [0, 1]" if name == "ScaleIntensityRangePercentiles" else name] = np.asarray(d["image"][0])
+    path = save_mip_figure(str(out), panels, spacing=tuple(float(s) for s in img.pixdim),
+                           title=f"preprocessing of {os.path.basename(str(image))} (max-projections, left to right)")
     print(f"wrote {path}")
     return path
 

@@ -683,3 +683,22 @@ def test_edge_voxels_are_given_back_to_the_adjacent_instance():
     assert np.all(sem[changed] == F.EDGE) and np.all(alone[changed] == 0)
     # the two instances stay apart: no voxel of one touches the other across the split
     assert (inner == 1).sum() == (inner == 2).sum()
+
+
+def test_preprocessing_preview_shows_each_enabled_step(tmp_path):
+    """scripts/fucci_prepare_gt.py preview: one max-projection panel per enabled step of the bundle's
+    ``intensity`` list (input, scaling, then the switched-on FUCCI steps); switching one more on adds a panel."""
+    from PIL import Image
+
+    from common.io import write_ome_tiff
+    from scripts.fucci_prepare_gt import preview
+
+    stack = np.random.default_rng(0).random((3, 6, 32, 40)).astype(np.float32) * 100
+    path = write_ome_tiff(tmp_path / "stack.ome.tif", stack, "CZYX", (2.0, 0.5, 0.5))
+    default = preview(path, out=str(tmp_path / "default.png"), input_channels=[2])
+    more = preview(path, out=str(tmp_path / "tophat.png"), input_channels=[2], preproc__tophat_enabled=True)
+    assert default == str(tmp_path / "default.png") and sorted(os.listdir(tmp_path)) == ["default.png", "stack.ome.tif",
+                                                                                       "tophat.png"]
+    w_default, h_default = Image.open(default).size
+    w_more, h_more = Image.open(more).size
+    assert w_more > w_default and h_more == h_default  # panels side by side: one more for the top-hat step

@@ -5,7 +5,7 @@ breast cancer nuclei spheroids"), extended with the per-nucleus cell-cycle analy
 numpy in / numpy out (scikit-image style), plus one MONAI post-processing transform.
 
 * :mod:`common.fucci.data`: :func:`load_fucci_manifest` (training manifests, checked before
-  training), :func:`list_fucci_images` (inference inputs), :func:`save_preprocessing_preview`.
+  training), :func:`list_fucci_images` (inference inputs).
 * :mod:`common.fucci.preprocessing`: the optional per-channel steps (:class:`BackgroundThresholdd`,
   :class:`GammaCorrectiond`, :class:`CLAHEd`, :class:`MedianFilterd`, :class:`TopHatRemovald`).
 * :mod:`common.fucci.ground_truth`: :func:`clean_instances` (per-slice minimum area, boundary
@@ -25,7 +25,7 @@ micrometres, ``ZYX``. The package imports only the generic layer of ``common``.
 """
 
 from common.fucci.colour import colour_change, instance_contacts, merge_oversplit, split_by_reporter_change
-from common.fucci.data import list_fucci_images, load_fucci_manifest, save_preprocessing_preview
+from common.fucci.data import list_fucci_images, load_fucci_manifest
 from common.fucci.evaluation import evaluation_score, segmentation_report
 from common.fucci.ground_truth import (BACKGROUND, CLASS_NAMES, EDGE, NUCLEUS, clean_instances, edge_footprint,
                                        prepare_ground_truth, semantic_from_instances, write_ground_truth)
@@ -38,7 +38,7 @@ from common.fucci.preprocessing import (CLAHE, BackgroundThreshold, BackgroundTh
 
 __all__ = [
     "CLASS_NAMES", "BACKGROUND", "EDGE", "NUCLEUS", "PHASE_NAMES",
-    "load_fucci_manifest", "list_fucci_images", "save_preprocessing_preview",
+    "load_fucci_manifest", "list_fucci_images",
     "BackgroundThreshold", "BackgroundThresholdd", "GammaCorrection", "GammaCorrectiond", "CLAHE", "CLAHEd",
     "MedianFilter", "MedianFilterd", "TopHatRemoval", "TopHatRemovald",
     "edge_footprint", "clean_instances", "semantic_from_instances", "prepare_ground_truth", "write_ground_truth",

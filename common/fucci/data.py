@@ -1,4 +1,4 @@
-"""FUCCI inputs: training manifests checked before training, inference image lists, a preprocessing preview."""
+"""FUCCI inputs: training manifests checked before training, inference image lists."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from common.fucci.ground_truth import NUCLEUS
 
-__all__ = ["load_fucci_manifest", "list_fucci_images", "save_preprocessing_preview"]
+__all__ = ["load_fucci_manifest", "list_fucci_images"]
 
 
 def _check_channels(records: Sequence[dict], key: str, input_channels) -> list:
@@ -92,41 +92,3 @@ def list_fucci_images(source: str | os.PathLike, input_channels: Sequence[int] |
     if problems:
         raise ManifestError(f"{len(problems)} problem(s) found before inference:\n  " + "\n  ".join(problems))
     return records
-
-
-def save_preprocessing_preview(path: str | os.PathLike, image: str | os.PathLike, config: str | os.PathLike,
-                               input_channels: Sequence[int] = (0,), **overrides) -> str:
-    """Before/after PNG of a bundle's preprocessing: the ``intensity`` transform list of ``config``
-    (e.g. ``bundles/unet3d_fucci/configs/inference.json``) applied step by step to one stack, one
-    panel of orthogonal max-projections per enabled step (first input channel shown).
-
-    Args:
-        path: PNG to write (atomically).
-        image: a ``ZYX`` / ``CZYX`` stack.
-        config: bundle config holding ``intensity`` (and ``input_channels``, ``preproc``).
-        input_channels: channels fed to the network.
-        **overrides: config overrides (``"preproc#gamma": 0.7``; ``__`` may stand for ``#``).
-    """
-    from monai.bundle import ConfigParser
-
-    from common.io import LoadMicroscopy
-    from common.report import save_mip_figure
-
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["input_channels"] = [int(c) for c in np.atleast_1d(input_channels)]
-    for k, v in overrides.items():
-        parser[k.replace("__", "#")] = v
-    steps = parser.get_parsed_content("intensity")
-    img = LoadMicroscopy(spatial_dims=3)(str(image))
-    d = {"image": img}
-    panels = {}
-    for t in steps:
-        d = t(d)
-        name = type(t).__name__.removesuffix("d")
-        if name == "Lambda":
-            panels["input"] = np.asarray(d["image"][0])
-        elif getattr(getattr(t, "t", None), "enabled", True):
-            panels["scaled to [0, 1]" if name == "ScaleIntensityRangePercentiles" else name] = np.asarray(d["image"][0])
-    return save_mip_figure(str(path), panels, spacing=tuple(float(s) for s in img.pixdim),
-                           title=f"preprocessing of {os.path.basename(str(image))} (max-projections, left to right)")
