@@ -20,17 +20,26 @@ def shared_data():
 
 
 # The slowest modules first (minutes each on 2 cores, from --durations runs): with `-n 2` (pytest-xdist;
-# pyproject's `--dist loadfile --no-loadscope-reorder` keeps each module on one worker, in this order)
-# the long ones start at once and the short ones fill in around them. Without -n only the order changes.
-SLOW_FIRST = ("test_docs.py", "test_bioimageio.py", "test_faults.py", "test_isl_cell_instance_bundle.py",
-              "test_fnet_bundle.py", "test_isl_nucleus_bundle.py", "test_unet3d_fucci_bundle.py",
-              "test_packaging.py", "test_monailabel_app.py", "test_spotlight_bundle.py",
-              "test_monailabel_security.py", "test_bad_inputs.py", "test_fastpath.py", "test_omezarr.py")
+# pyproject's `--dist loadgroup --no-loadscope-reorder`) work is handed out in this order, so the long parts
+# start at once and the short ones fill in around them. Without -n only the order changes.
+SLOW_FIRST = ("test_docs.py", "test_bioimageio.py", "test_faults.py", "test_packaging.py", "test_fnet_bundle.py",
+              "test_spotlight_bundle.py", "test_isl_cell_instance_bundle.py", "test_unet3d_fucci_bundle.py",
+              "test_monailabel_app.py", "test_fastpath.py", "test_isl_nucleus_bundle.py", "test_monailabel_security.py",
+              "test_shipped_models.py", "test_large_files.py", "test_omezarr.py", "test_first_run.py", "test_bad_inputs.py")
+# Modules whose tests share nothing (no module fixture): each test is a work unit of its own, so that their
+# long tests (the docs run as written: minutes each) spread over both workers. Every other module is one
+# unit (its module fixtures are built once, on one worker).
+EACH_TEST_APART = ("test_docs.py",)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: order within a module kept
+    for item in items:
+        module = os.path.basename(str(item.path))
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.name if module in EACH_TEST_APART else module))
 
 
 def pytest_configure(config):
