@@ -176,7 +176,7 @@ def expectations(per_seed: dict) -> list[dict]:
 
 
 def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: int = 3000, n_val: int = 10,
-         jobs: int = 2, threads: int = 1, lambda_mse: float | None = None, clamp: str | None = None):
+         jobs: int = 2, threads: int = 1, spotlight: dict | None = None):
     """Train both bundles per seed, evaluate each seed with the Spotlight protocol, write ``summary.md``.
 
     Args:
@@ -184,7 +184,8 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
         iterations: training iterations of both bundles (batch :data:`BATCH`, patch :data:`PATCH`).
         n_val: validations over the run (the convergence check uses F-net's).
         jobs: bundles trained at once (processes), each with ``threads`` torch threads.
-        lambda_mse, clamp: spotlight_dna overrides (default: the bundle's own defaults).
+        spotlight: extra spotlight_dna overrides, e.g. ``{"clamp_sigmoid": "both", "lambda_mse": 0.3}``
+            (default: the bundle's own defaults).
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -198,7 +199,7 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
     out_dir = os.path.abspath(out_dir)
     _log(f"phantoms -> {out_dir}/data")
     data = write_phantoms(os.path.join(out_dir, "data"))
-    extra = {k: v for k, v in (("lambda_mse", lambda_mse), ("clamp_sigmoid", clamp)) if v is not None}
+    extra = dict(spotlight or {})
     jobs_list = [(b, data, os.path.join(out_dir, f"seed{s}", b), s, iterations, n_val, extra if b == "spotlight_dna" else None,
                   threads) for s in seeds for b in BUNDLES.values()]
     _log(f"training {len(jobs_list)} runs ({iterations} iterations each, {jobs} at once)")

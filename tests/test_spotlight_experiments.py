@@ -113,3 +113,23 @@ def test_seeded_training_is_deterministic(tiny_ablation):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(a["val_pearson"], b["val_pearson"], rtol=0, atol=1e-6)
     assert os.path.isfile(tiny_ablation / "runs" / "min@0.5_s3.pt")
+
+
+def test_fnet_output_bias_init_and_record():
+    """``output_bias`` sets the output convolution's initial bias only, and travels in the network record."""
+    import torch
+
+    from common.networks.fnet import FNet
+
+    torch.manual_seed(0)
+    a = FNet(spatial_dims=2, depth=2, mult_chan=4)
+    torch.manual_seed(0)
+    b = FNet(spatial_dims=2, depth=2, mult_chan=4, output_bias=-1.0)
+    assert torch.all(b.conv_out.bias == -1.0) and not torch.all(a.conv_out.bias == -1.0)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if n != "conv_out.bias":
+            assert torch.equal(p, q), n
+    assert b._init_config["output_bias"] == -1.0
+    x = torch.zeros(1, 1, 16, 16)
+    b.eval()
+    assert torch.allclose(b(x), torch.full_like(x, -1.0), atol=0.05)  # starts below the threshold 0

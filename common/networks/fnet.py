@@ -88,10 +88,13 @@ class FNet(nn.Module):
         out_channels: output channels (1 fluorescence structure).
         depth: number of down-samplings (4); inputs must be multiples of ``2**depth``.
         mult_chan: channels of the first level (32), doubled at each deeper level.
+        output_bias: initial bias of the output convolution (``None``: PyTorch's default, as pytorch_fnet).
+            Spotlight's loss trains faster from ``-1``: the prediction then starts below its foreground
+            threshold, where background voxels stay (see ``bundles/spotlight_dna/docs/README.md``).
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 1, depth: int = 4,
-                 mult_chan: int = 32):
+                 mult_chan: int = 32, output_bias: float | None = None):
         super().__init__()
         conv, _, _ = _layers(spatial_dims)
         self.spatial_dims = spatial_dims
@@ -99,6 +102,8 @@ class FNet(nn.Module):
         self.levels = _make_level(spatial_dims, in_channels, mult_chan, depth)
         self.conv_out = conv(mult_chan, out_channels, 3, padding=1)
         init_fnet_weights(self)
+        if output_bias is not None:
+            nn.init.constant_(self.conv_out.bias, float(output_bias))
 
     @property
     def size_multiple(self) -> int:
