@@ -1,15 +1,13 @@
-"""Fault tests: kill -9 during checkpoint saves and output writes (real subprocesses, several moments).
+"""Fault tests: kill -9 during checkpoint saves and output writes (real separate processes, several moments).
 
 After every kill: each file under a final name is complete, the previous best model is intact, and
 a rerun of the same command finishes (training resumes from the last complete checkpoint); the
-rerun removes the temporary files the killed run left.
+rerun removes the temporary files the killed run left. The runs that are killed are separate processes
+forked from the test's (zoo_testing.Forked: no interpreter start-up); the reruns run in this process.
 """
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import numpy as np
@@ -19,8 +17,7 @@ import torch
 from common.handlers import checkpoints_newest_first
 from common.io import read_image, write_ome_tiff
 from common.synthetic import write_dataset_3d
-from experiments import runner
-from zoo_testing import TINY, TINY_TRAIN, env, split_manifest
+from zoo_testing import TINY, TINY_TRAIN, Forked, fork_bundle, run_bundle_here, split_manifest
 
 pytestmark = pytest.mark.slow
 B = "fnet_baseline"
@@ -50,14 +47,13 @@ def _temp_files(folder, pid=None):
     return [n for n in os.listdir(folder) if n.startswith(prefix)] if os.path.isdir(folder) else []
 
 
-SAVER = textwrap.dedent("""
-    import sys, torch
+def _save_best_models_forever(folder):
+    """A new "best model" again and again (24 MB each, so that a kill can land while one is written)."""
     from common.handlers import AtomicDiskSaver
-    saver = AtomicDiskSaver(sys.argv[1], "model.pt")
+
+    saver = AtomicDiskSaver(folder, "model.pt")
     for i in range(1, 10**6):
         saver({"w": torch.full((6_000_000,), float(i)), "step": torch.tensor(i)}, "ignored.pt")
-        print(i, flush=True)
-""")
 
 
 def test_kill_during_best_model_save_keeps_a_complete_model(tmp_path):
@@ -66,8 +62,7 @@ def test_kill_during_best_model_save_keeps_a_complete_model(tmp_path):
     folder.mkdir()
     survived = 0
     for attempt in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(folder)], env=env(), stdout=subprocess.PIPE,
-                                text=True)
+        proc = Forked(_save_best_models_forever, str(folder))  # a separate process, forked from this one
         # the first kill may come before any model exists; later ones always find the previous one
         need_previous = attempt > 0
         killed = _kill_when(proc, lambda p: bool(_temp_files(folder, p.pid)) and (not need_previous or
@@ -93,11 +88,11 @@ def data(tmp_path_factory):
     return split_manifest(manifest, {"train": 2, "val": 1})
 
 
-def _train_cmd(data, out, epochs):
+def _train_overrides(data, out, epochs):
     ov = dict(TINY[B], **TINY_TRAIN[B])
     ov.update(train_manifest=data["train"], val_manifest=data["val"], ckpt_dir=str(out / "models"),
               output_dir=str(out / "runs"), num_epochs=epochs, epoch_length=2)
-    return runner.bundle_command(B, "train.json", ov, logging=False)
+    return ov
 
 
 def _complete(path):
@@ -109,7 +104,7 @@ def test_training_killed_at_random_moments_resumes_and_keeps_the_best_model(data
     """Three kills of a real training at different moments (one while a checkpoint is being written),
     then the same command resumes from the last complete checkpoint and finishes."""
     out = tmp_path / "run"
-    cmd = _train_cmd(data, out, epochs=5)
+    ov = _train_overrides(data, out, epochs=5)
     ckpts, models = out / "runs" / "checkpoints", out / "models"
     moments = [
         lambda p: len(checkpoints_newest_first(str(ckpts))) >= 1,  # right after the first checkpoint
@@ -118,7 +113,7 @@ def test_training_killed_at_random_moments_resumes_and_keeps_the_best_model(data
     ]
     best_before = None
     for when in moments:
-        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = fork_bundle(B, "train.json", ov)  # a separate process (forked from this one) to kill
         _kill_when(proc, when, timeout=240)
         # every file under a final name is complete
         for p in checkpoints_newest_first(str(ckpts)):
@@ -128,9 +123,8 @@ def test_training_killed_at_random_moments_resumes_and_keeps_the_best_model(data
             assert (models / "model.json").exists()
             best_before = torch.load(models / "model.pt", weights_only=True)
     assert best_before is not None, "no best model was written before the kills"
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout + done.stderr
+    done = run_bundle_here(B, "train.json", ov)  # the same run again (in this process: what it does is checked)
+    assert "resuming from" in done.output
     assert _complete(models / "model.pt")
     assert _temp_files(ckpts) == [] and _temp_files(models) == []
     last = checkpoints_newest_first(str(ckpts))[0]
@@ -153,12 +147,10 @@ def test_inference_killed_while_writing_leaves_no_partial_output(data, tmp_path)
     for i in range(3):
         write_ome_tiff(inputs / f"v{i}.ome.tif", rng.random((16, 96, 96)).astype(np.float32), spacing_um=(1, 1, 1))
     out = tmp_path / "pred"
-    cmd = runner.bundle_command(B, "inference.json", {"dataset_dir": str(inputs), "output_dir": str(out),
-                                                      "ckpt_path": str(train_out / "models" / "model.pt")},
-                                logging=False)
+    ov = {"dataset_dir": str(inputs), "output_dir": str(out), "ckpt_path": str(train_out / "models" / "model.pt")}
     caught = 0
     for n_done in (0, 1):
-        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = fork_bundle(B, "inference.json", ov)
         finals = lambda: [f for f in os.listdir(out) if not f.startswith(".")] if out.is_dir() else []
         caught += _kill_when(proc, lambda p: len(finals()) >= n_done and bool(_temp_files(out, p.pid)), timeout=240)
         for f in os.listdir(out) if out.is_dir() else []:
@@ -166,6 +158,5 @@ def test_inference_killed_while_writing_leaves_no_partial_output(data, tmp_path)
                 arr, _, _ = read_image(out / f)
                 assert arr.shape == (1, 16, 96, 96), f
     assert caught >= 1, "no kill landed during a write"
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_bundle_here(B, "inference.json", ov)  # the same run again, in this process
     assert sorted(os.listdir(out)) == [f"v{i}_pred.ome.tif" for i in range(3)]

@@ -1,5 +1,5 @@
 """Weights the MONAI model-zoo way: ``large_files.yml`` served over loopback HTTP and fetched with the real
-``python -m monai.bundle download_large_files``; ``package_bundles`` checks the list (hash of the local file,
+``python -m monai.bundle download_large_files`` (its ``__main__`` in this process); ``package_bundles`` checks the list (hash of the local file,
 the 25 MB rule, required fields) and refuses a mismatch; the committed weights obey the rule."""
 
 import functools
@@ -8,14 +8,12 @@ import http.server
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 
 import pytest
 
 from scripts import package_bundles as pack
-from zoo_testing import BUNDLES, ROOT, env
+from zoo_testing import BUNDLES, run_script
 
 SHIPPED = sorted(b for b in os.listdir(BUNDLES) if os.path.isfile(os.path.join(BUNDLES, b, "models", "model.pt")))
 
@@ -61,10 +59,18 @@ def _write_list(dst, entries):
 
 
 def _download_large_files(dst):
-    e = env()
-    e["NO_PROXY"] = e["no_proxy"] = "127.0.0.1,localhost"
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(dst)],
-                          capture_output=True, text=True, env=e, timeout=300)
+    """``python -m monai.bundle download_large_files --bundle_path <dst>`` (MONAI's own ``__main__``, run in
+    this process: zoo_testing.run_script), past any proxy for the loopback server."""
+    saved = {k: os.environ.get(k) for k in ("NO_PROXY", "no_proxy")}
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+    try:
+        return run_script("monai.bundle", "download_large_files", "--bundle_path", dst)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 BUNDLE = SHIPPED[0] if SHIPPED else "isl_nucleus_seg"

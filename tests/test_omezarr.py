@@ -16,7 +16,7 @@ from common.data import list_images, load_manifest
 from common.io import ImageDimensionError, ImageReadError, read_image, write_ome_tiff
 from common.networks.record import write_record
 from common.synthetic import make_cell_field_3d
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, run_bundle_inprocess
+from zoo_testing import BUNDLES, TINY, TINY_TRAIN, run_bundle, run_bundle_here, run_bundle_inprocess
 
 SPACING = (0.5, 0.29, 0.29)
 
@@ -167,7 +167,7 @@ def test_plate_manifest_trains_a_bundle(tmp_path):
     out = tmp_path / "run"
     ov = dict(TINY["fnet_baseline"], **TINY_TRAIN["fnet_baseline"], train_manifest=manifest, val_manifest=manifest,
               ckpt_dir=str(out / "models"), output_dir=str(out / "runs"))
-    run_bundle("fnet_baseline", "train.json", ov, timeout=300)
+    run_bundle_here("fnet_baseline", "train.json", ov)
     assert os.path.isfile(out / "models" / "model.pt")
 
 
