@@ -1,15 +1,17 @@
 """bioimage.io export: packages pass ``bioimageio test`` offline and reproduce the bundle's own inference.
 
-Each case exports a bundle with ``python scripts/export_bioimageio.py`` (a subprocess, as a user runs
-it), checks the package's description with bioimageio.spec, runs ``bioimageio test`` (bioimageio.core)
-with every HTTP(S) request pointed at a closed local port (so the test proves nothing is
-downloaded), and runs the bundle's own inference (``monai.bundle``) on the package's test input:
-its output must equal the package's test output.
+Each case exports a bundle with ``python scripts/export_bioimageio.py``, checks the package's description
+with bioimageio.spec, runs ``bioimageio test`` (bioimageio.core) with every HTTP(S) request pointed at a
+closed local port (so the test proves nothing is downloaded), and runs the bundle's own inference
+(``monai.bundle``) on the package's test input: its output must equal the package's test output. The
+first case runs the two command lines as separate processes, as a user types them; the others run the
+same ``__main__`` blocks in this process (no interpreter start-ups).
 
 Bundles with shipped weights (``bundles/<name>/models/model.pt`` + record) are exported as they are;
 the others with tiny random weights written with their record.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +24,7 @@ from monai.bundle import ConfigParser
 
 from common.io import read_image, write_ome_tiff
 from common.networks.record import read_record, write_record
-from zoo_testing import BUNDLES, ROOT, TINY, env, run_bundle_inprocess
+from zoo_testing import BUNDLES, ROOT, TINY, env, run_bundle_inprocess, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +55,40 @@ def _tiny_ckpt(bundle, folder):
     return ckpt
 
 
+DEAD = "http://127.0.0.1:9"  # discard port: nothing listens, any download fails at once
+OFFLINE = dict(HTTP_PROXY=DEAD, HTTPS_PROXY=DEAD, http_proxy=DEAD, https_proxy=DEAD, NO_PROXY="", no_proxy="")
+# the case whose export and `bioimageio test` run as separate processes, as a user types them; the other
+# cases run the same two command lines' __main__ in this process (zoo_testing.run_script), offline alike
+AS_USER = CASES[0] if CASES else None
+
+
 def _offline_env():
-    e = env()
-    dead = "http://127.0.0.1:9"  # discard port: nothing listens, any download fails at once
-    e.update(HTTP_PROXY=dead, HTTPS_PROXY=dead, http_proxy=dead, https_proxy=dead, NO_PROXY="", no_proxy="",
-             OMP_NUM_THREADS="1")
-    return e
+    return dict(env(), OMP_NUM_THREADS="1", **OFFLINE)
+
+
+@contextlib.contextmanager
+def _offline():
+    """This process with every HTTP(S) request pointed at the closed port (restored after)."""
+    saved = {k: os.environ.get(k) for k in OFFLINE}
+    os.environ.update(OFFLINE)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _command(module, *args, cwd, as_user):
+    """``python -m <module> <args>`` offline: a separate process when ``as_user``, else in this process."""
+    if as_user:  # scripts as the docs write them (python scripts/<name>.py), packages with -m
+        launch = [os.path.join(ROOT, *module.split(".")) + ".py"] if module.startswith("scripts.") else ["-m", module]
+        return subprocess.run([sys.executable, *launch, *map(str, args)], env=_offline_env(), capture_output=True,
+                              text=True, timeout=600, cwd=str(cwd))
+    with _offline():
+        return run_script(module, *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("bundle,weights", CASES, ids=[f"{b}-{w}" for b, w in CASES])
@@ -67,9 +97,9 @@ def test_export_passes_bioimageio_test_and_matches_the_bundle(bundle, weights, t
 
     ckpt = os.path.join(BUNDLES, bundle, "models", "model.pt") if weights == "shipped" else _tiny_ckpt(bundle, str(tmp_path))
     pkg = tmp_path / "pkg"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_bioimageio.py"),
-                        os.path.join(BUNDLES, bundle), "--out", str(pkg), "--ckpt", ckpt],
-                       env=_offline_env(), capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    as_user = (bundle, weights) == AS_USER
+    p = _command("scripts.export_bioimageio", os.path.join(BUNDLES, bundle), "--out", pkg, "--ckpt", ckpt,
+                 cwd=tmp_path, as_user=as_user)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     rdf = pkg / "rdf.yaml"
 
@@ -88,8 +118,7 @@ def test_export_passes_bioimageio_test_and_matches_the_bundle(bundle, weights, t
 
     # bioimageio.core's own test, offline
     summary = tmp_path / "summary.json"
-    t = subprocess.run([sys.executable, "-m", "bioimageio.core", "test", str(rdf), "--summary", str(summary)], env=_offline_env(),
-                       capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    t = _command("bioimageio.core", "test", rdf, "--summary", summary, cwd=tmp_path, as_user=as_user)
     result = json.loads(summary.read_text())
     failed = [(d["name"], [e["msg"][:300] for e in d.get("errors", [])]) for d in result["details"]
               if d["status"] != "passed"]
@@ -121,7 +150,6 @@ def test_export_passes_bioimageio_test_and_matches_the_bundle(bundle, weights, t
 
 
 def test_export_refuses_a_bundle_without_weights(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_bioimageio.py"),
-                        os.path.join(BUNDLES, "fnet_baseline"), "--out", str(tmp_path / "pkg"),
-                        "--ckpt", str(tmp_path / "missing.pt")], env=env(), capture_output=True, text=True, timeout=300)
+    p = _command("scripts.export_bioimageio", os.path.join(BUNDLES, "fnet_baseline"), "--out", tmp_path / "pkg",
+                 "--ckpt", tmp_path / "missing.pt", cwd=tmp_path, as_user=False)
     assert p.returncode != 0 and "no weights to export" in p.stderr and not (tmp_path / "pkg").exists()
