@@ -22,10 +22,10 @@ def shared_data():
 # The slowest modules first (minutes each on 2 cores, from --durations runs): with `-n 2` (pytest-xdist;
 # pyproject's `--dist loadgroup --no-loadscope-reorder`) work is handed out in this order, so the long parts
 # start at once and the short ones fill in around them. Without -n only the order changes.
-SLOW_FIRST = ("test_docs.py", "test_bioimageio.py", "test_faults.py", "test_packaging.py", "test_fnet_bundle.py",
-              "test_spotlight_bundle.py", "test_isl_cell_instance_bundle.py", "test_unet3d_fucci_bundle.py",
-              "test_monailabel_app.py", "test_fastpath.py", "test_isl_nucleus_bundle.py", "test_monailabel_security.py",
-              "test_shipped_models.py", "test_large_files.py", "test_omezarr.py", "test_first_run.py", "test_bad_inputs.py")
+SLOW_FIRST = ("test_docs.py", "test_faults.py", "test_bioimageio.py", "test_fastpath.py", "test_packaging.py",
+              "test_monailabel_security.py", "test_monailabel_app.py", "test_shipped_models.py", "test_fnet_bundle.py",
+              "test_spotlight_bundle.py", "test_first_run.py", "test_bad_inputs.py", "test_isl_cell_instance_bundle.py",
+              "test_evaluation.py", "test_isl_nucleus_bundle.py", "test_omezarr.py", "test_unet3d_fucci_bundle.py")
 # Modules whose tests share nothing (no module fixture): each test is a work unit of its own, so that their
 # long tests (the docs run as written: minutes each) spread over both workers. Every other module is one
 # unit (its module fixtures are built once, on one worker).

@@ -101,11 +101,9 @@ def test_refusals_before_any_work(volume, tmp_path):
 
 def test_command_line_predicts_with_a_recorded_model(volume, tmp_path):
     import os
-    import subprocess
-    import sys
 
     from common.networks.record import write_record
-    from zoo_testing import ROOT, env
+    from zoo_testing import ROOT, run_script
 
     _, path, a = volume
     torch.manual_seed(0)
@@ -113,10 +111,8 @@ def test_command_line_predicts_with_a_recorded_model(volume, tmp_path):
     ckpt = str(tmp_path / "model.pt")
     torch.save(net.state_dict(), ckpt)
     write_record(ckpt, net, {"target_spacing_um": list(SPACING)})
-    p = subprocess.run([sys.executable, "-m", "common.chunked", "predict", "--ckpt", ckpt, "--source", path,
-                        "--output", str(tmp_path / "pred.zarr"), "--roi_size", "16,64,64",
-                        "--max_buffer_voxels", str(20 * 128 * 160)], env=env(), cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    p = run_script("common.chunked", "predict", "--ckpt", ckpt, "--source", path, "--output", tmp_path / "pred.zarr",
+                   "--roi_size", "16,64,64", "--max_buffer_voxels", 20 * 128 * 160, cwd=ROOT)  # its __main__, here
     assert p.returncode == 0, p.stderr[-3000:]
     report = __import__("json").loads(p.stdout.strip().splitlines()[-1])
     assert report["n_blocks"] > 1 and report["max_buffer_voxels"] <= 20 * 128 * 160
