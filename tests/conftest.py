@@ -30,12 +30,14 @@ SLOW_FIRST = ("test_docs.py", "test_faults.py", "test_bioimageio.py", "test_fast
 # long tests (the docs run as written: minutes each) spread over both workers. Every other module is one
 # unit (its module fixtures are built once, on one worker).
 EACH_TEST_APART = ("test_docs.py",)
+LONGEST_TESTS = ("test_bundle_readme_runs_as_written", "test_readme_demo_and_slow_commands")  # first in their module
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: order within a module kept
+    items.sort(key=lambda item: (rank.get(os.path.basename(str(item.path)), len(rank)),
+                                 getattr(item, "originalname", item.name) not in LONGEST_TESTS))  # stable otherwise
     for item in items:
         module = os.path.basename(str(item.path))
         if item.get_closest_marker("xdist_group") is None:
