@@ -289,21 +289,25 @@ def summarise(results: dict, variants, seeds) -> tuple[list[dict], str]:
     for v in variants:
         per = []
         for s in seeds:
+            if f"{v}_s{s}" not in results:  # a sweep stopped early (--train false reports what finished)
+                continue
             m = dict(results[f"{v}_s{s}"]["metrics"])
             ref = results.get(f"mse_s{s}", {}).get("metrics")
             m["bg_ratio"] = m["bg_std"] / ref["bg_std"] if ref else float("nan")
             h = results[f"{v}_s{s}"]["history"]
             m["val_change"] = converged(h["val_iteration"], h["val_pearson"])[1]
             per.append(m)
-        row = {"variant": v}
+        if not per:
+            continue
+        row = {"variant": v, "n": len(per)}
         for k, _, fmt in COLUMNS:
             row[k] = [p[k] for p in per]
             row[k + "_txt"] = mean_sd(row[k], fmt)
         rows.append(row)
-    lines = ["| variant | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = ["| variant | seeds | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(r[k + '_txt'] for k, _, _ in COLUMNS) + " |")
+        lines.append(f"| {r['variant']} | {r['n']} | " + " | ".join(r[k + '_txt'] for k, _, _ in COLUMNS) + " |")
     return rows, "\n".join(lines)
 
 
@@ -332,10 +336,11 @@ def plot_curves(path: str, results: dict, variants, seed: int) -> str:
 
 
 def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEFAULT_VARIANTS, iterations: int = 3000,
-         batch: int = 8, patch: int = 48, jobs: int = 2, threads: int = 1, n_volumes=(6, 1, 3)):
+         batch: int = 8, patch: int = 48, jobs: int = 2, threads: int = 1, n_volumes=(6, 1, 3), train: bool = True):
     """Train and evaluate every variant for every seed; writes ``ablation.md``, ``results.json``, ``curves.png``.
 
     ``n_volumes``: phantoms for (train, val, test); finished runs in ``results.json`` are kept on a rerun.
+    ``train=False``: no training, the report of the runs in ``results.json`` (e.g. of a sweep stopped early).
     """
     from common.report import write_json
     from experiments.spotlight_vs_fnet import write_phantoms
@@ -363,7 +368,9 @@ def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEF
               f"r {m['pearson']:.3f}, PSNR fg {m['psnr_fg']:.2f}, bg std {m['bg_std']:.1f}, AP@0.5 {m['ap50']:.3f}",
               flush=True)
 
-    for phase in ("first", "warm"):  # seed-major order: every variant's first seed comes first
+    from common.cli import as_bool
+
+    for phase in ("first", "warm") if as_bool(train, "train") else ():  # seed-major order: every variant's first seed comes first
         todo = [(v, s) for s in seeds for v in variants if f"{v}_s{s}" not in results
                 and (parse_variant(v)["init"] == "warm") == (phase == "warm")]
         _run_pool([(v, s, *common) for v, s in todo], int(jobs), done)
