@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["orthogonal_mips", "save_mip_figure", "save_bar_plot", "markdown_table", "write_json", "save_figure"]
+__all__ = ["orthogonal_mips", "save_mip_figure", "save_bar_plot", "markdown_table", "write_json", "write_text",
+           "save_figure"]
 
 
 def orthogonal_mips(volume: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0), reduce=np.max) -> np.ndarray:
@@ -257,4 +258,13 @@ def write_json(path: str, obj) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    """Write a text file (a Markdown report) atomically: a killed run never leaves half of it."""
+    from common.outputs import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
     return path

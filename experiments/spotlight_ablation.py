@@ -118,6 +118,7 @@ def train_one(variant: str, seed: int, data_dir: str, iterations: int, batch: in
     from common.fastpath import autocast_context, native_bf16_cpu
     from common.metrics import pearson_r
     from common.networks.fnet import FNet
+    from common.outputs import atomic_write
     from common.spotlight import SpotlightLoss, masked_mse, soft_dice_loss, soft_threshold
 
     torch.set_num_threads(int(threads))
@@ -175,8 +176,8 @@ def train_one(variant: str, seed: int, data_dir: str, iterations: int, batch: in
     runs = os.path.join(os.path.dirname(os.path.abspath(data_dir)), "runs")
     os.makedirs(runs, exist_ok=True)
     path = os.path.join(runs, f"{variant}_s{seed}.pt")
-    torch.save(net.to(memory_format=torch.contiguous_format).state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)  # a killed sweep never leaves a half-written network
+    with atomic_write(path) as tmp:  # a killed sweep never leaves a half-written network
+        torch.save(net.to(memory_format=torch.contiguous_format).state_dict(), tmp)
     return {"variant": variant, "seed": seed, "seconds": round(time.time() - t0, 1), "history": hist}
 
 
@@ -202,6 +203,7 @@ def converged(val_iteration, val_pearson, fraction: float = 0.2, tol: float = 0.
 
 def watershed_params(data_dir: str) -> dict:
     """Otsu + watershed parameters tuned on the training targets against their labels (cached in ``data_dir``)."""
+    from common.report import write_json
     from common.spotlight.evaluation import tune_watershed
 
     cache = os.path.join(data_dir, "watershed.json")
@@ -213,9 +215,7 @@ def watershed_params(data_dir: str) -> dict:
 
     params, _ = tune_watershed([v["target_raw"] for v in train], [v["gt"] for v in train], train[0]["spacing"],
                                grid=WATERSHED_GRID, verbose=False)
-    with open(cache + ".tmp", "w") as f:
-        json.dump(params, f)
-    os.replace(cache + ".tmp", cache)
+    write_json(cache, params)
     return params
 
 
@@ -342,7 +342,7 @@ def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEF
     ``n_volumes``: phantoms for (train, val, test); finished runs in ``results.json`` are kept on a rerun.
     ``train=False``: no training, the report of the runs in ``results.json`` (e.g. of a sweep stopped early).
     """
-    from common.report import write_json
+    from common.report import write_json, write_text
     from experiments.spotlight_vs_fnet import write_phantoms
 
     t0 = time.time()
@@ -384,9 +384,7 @@ def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEF
             f"rescaled prediction outside the target's Otsu foreground (target units); bg >= thr: fraction of "
             f"those voxels predicted at or above the threshold. Wall time {time.time() - t0:.0f} s.\n\n{table}\n\n"
             f"![training curves, seed {seeds[0]}](curves.png)\n")
-    with open(os.path.join(out_dir, "ablation.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(out_dir, "ablation.md.tmp"), os.path.join(out_dir, "ablation.md"))
+    write_text(os.path.join(out_dir, "ablation.md"), text)
     print(text, flush=True)
 
 

@@ -54,6 +54,7 @@ def write_phantoms(out_dir: str, n_train: int = 6, n_val: int = 1, n_test: int =
     Returns ``{split: manifest path}``.
     """
     from common.data import split_manifest
+    from common.report import write_json
     from common.synthetic import write_dataset_3d
 
     stamp = os.path.join(out_dir, "phantom.json")
@@ -67,9 +68,7 @@ def write_phantoms(out_dir: str, n_train: int = 6, n_val: int = 1, n_test: int =
     manifest = write_dataset_3d(out_dir, n_volumes=n_train + n_val + n_test, shape=SHAPE, seed=seed,
                                 spacing_um=SPACING_UM, n_cells=N_CELLS, **PHANTOM)
     out = split_manifest(manifest, {"train": n_train, "val": n_val, "test": n_test}, seed=None)
-    with open(stamp + ".tmp", "w") as f:
-        json.dump(want, f)
-    os.replace(stamp + ".tmp", stamp)
+    write_json(stamp, want)
     return out
 
 
@@ -109,6 +108,7 @@ def overrides(seed: int, iterations: int, n_val: int, spotlight: dict | None = N
 def train_and_predict(bundle: str, data: dict, work: str, seed: int, iterations: int, n_val: int,
                       extra: dict | None = None) -> dict:
     """Train ``bundle`` (skipped when ``work/models/model.pt`` and ``work/done.json`` exist) and predict the test set."""
+    from common.report import write_json
     from experiments.runner import bundle_dir, run_inprocess
 
     logging_file = os.path.join(bundle_dir(bundle), "configs", "logging.conf")
@@ -127,9 +127,7 @@ def train_and_predict(bundle: str, data: dict, work: str, seed: int, iterations:
     steps, vals = val_history(os.path.join(work, "runs"), tag)
     info = {"bundle": bundle, "seed": seed, "train_seconds": round(t, 1), "iterations": ov["epoch_length"] * ov["num_epochs"],
             "val_epochs": steps, "val_pearson": vals, "overrides": ov}
-    with open(done + ".tmp", "w") as f:
-        json.dump(info, f)
-    os.replace(done + ".tmp", done)
+    write_json(done, info)
     return info
 
 
@@ -190,7 +188,7 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from common.report import mean_sd, write_json
+    from common.report import mean_sd, write_json, write_text
     from common.spotlight.report import evaluate_dataset
     from experiments.spotlight_ablation import converged, watershed_params
 
@@ -255,9 +253,7 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
     text = "\n".join(lines) + "\n"
     write_json(os.path.join(out_dir, "summary.json"), {"per_seed": per_seed, "expectations": checks,
                                                         "convergence": conv, "runs": infos})
-    with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
+    write_text(os.path.join(out_dir, "summary.md"), text)
     print(text, flush=True)
 
 
