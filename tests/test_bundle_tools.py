@@ -52,9 +52,9 @@ def test_verify_metadata_offline(bundle):
 def test_verify_net_in_out(bundle):
     root = os.path.join(BUNDLES, bundle)
     # the tiny network, not the shipped model's record (bundles with weights carry one in models/)
+    meta = os.path.join(root, "configs", "metadata.json")
     p = run_bundle_here(bundle, "inference.json", _tiny(bundle),
-                        cmd=("verify_net_in_out", "network_def", "--meta_file", os.path.join(root, "configs", "metadata.json")),
-                        check=False)
+                        cmd=("verify_net_in_out", "network_def", "--meta_file", meta), check=False)
     assert p.returncode == 0 and "data shape of network is verified with no error" in p.output, p.output[-4000:]
 
 

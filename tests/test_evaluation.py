@@ -130,7 +130,8 @@ def test_evaluate_script_end_to_end(tmp_path):
         write_ome_tiff(tmp_path / "noisy" / f"{stem}_pred.ome.tif", noisy.astype(np.float32), spacing_um=sp)
     out = tmp_path / "report"
     p = _evaluate_cli("--manifest", data / "test.csv", "--predictions",
-                      f"perfect={tmp_path / 'perfect'},noisy={tmp_path / 'noisy'}", "--out_dir", out, "--target_range", "0,1000", "--tune", "False", "--microssim", "False",
+                      f"perfect={tmp_path / 'perfect'},noisy={tmp_path / 'noisy'}", "--out_dir", out,
+                      "--target_range", "0,1000", "--tune", "False", "--microssim", "False",
                       "--sweep_levels", "[0.0,0.2]", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.load(open(out / "metrics.json"))

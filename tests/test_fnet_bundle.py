@@ -46,8 +46,9 @@ def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
     out, ov, _ = trained
     vol = np.random.default_rng(0).random((37, 150, 171)).astype(np.float32)
     write_ome_tiff(tmp_path / "in" / "odd.ome.tif", vol, spacing_um=(0.4, 0.3, 0.3))
-    run_bundle_here(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
-                                         ckpt_path=str(out / "models" / "model.pt")))
+    run_bundle_here(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"),
+                                              output_dir=str(tmp_path / "pred"),
+                                              ckpt_path=str(out / "models" / "model.pt")))
     pred, spacing, known = read_image(tmp_path / "pred" / "odd_pred.ome.tif")
     assert pred.shape == (1, 37, 150, 171)
     assert known and np.allclose(spacing, (0.4, 0.3, 0.3))

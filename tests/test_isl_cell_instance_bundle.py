@@ -98,8 +98,9 @@ def test_inference_any_size_gives_int_labels_with_voxel_size(trained, tmp_path):
     out, _, _, _ = trained
     d = make_dic_membrane_2d((75, 113), n_cells=5, seed=11, pixel_size_um=0.8)
     write_ome_tiff(tmp_path / "in" / "odd.ome.tif", d["dic"], "CYX", d["spacing_um"])
-    run_bundle_inprocess(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
-                                                ckpt_path=str(out / "models" / "model.pt")))
+    run_bundle_inprocess(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"),
+                                                   output_dir=str(tmp_path / "pred"),
+                                                   ckpt_path=str(out / "models" / "model.pt")))
     lab, spacing, known = read_image(tmp_path / "pred" / "odd_instances.ome.tif", spatial_dims=2)
     assert lab.shape == (1, 75, 113) and lab.dtype == np.int32 and lab.min() >= 0
     assert known and np.allclose(spacing, (0.8, 0.8))

@@ -1,6 +1,7 @@
 """Weights the MONAI model-zoo way: ``large_files.yml`` served over loopback HTTP and fetched with the real
-``python -m monai.bundle download_large_files`` (its ``__main__`` in this process); ``package_bundles`` checks the list (hash of the local file,
-the 25 MB rule, required fields) and refuses a mismatch; the committed weights obey the rule."""
+``python -m monai.bundle download_large_files`` (its ``__main__`` in this process); ``package_bundles``
+checks the list (hash of the local file, the 25 MB rule, required fields) and refuses a mismatch; the
+committed weights obey the rule."""
 
 import functools
 import hashlib

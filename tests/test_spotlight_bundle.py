@@ -11,7 +11,8 @@ from monai.bundle import ConfigParser
 from common.io import read_image, write_ome_tiff
 from common.spotlight import OtsuStandardize, SpotlightLoss
 from common.synthetic import write_dataset_3d
-from zoo_testing import BUNDLES, TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle_here, split_manifest
+from zoo_testing import (BUNDLES, TINY, TINY_TRAIN, ddp_two_cpu_processes, resume_after_kill, run_bundle_here,
+                         split_manifest)
 
 B = "spotlight_dna"
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def test_inference_any_size_keeps_shape_and_voxel_size(trained, tmp_path):
     vol = np.random.default_rng(0).random((21, 70, 45)).astype(np.float32)
     write_ome_tiff(tmp_path / "in" / "odd.ome.tif", vol, spacing_um=(0.4, 0.3, 0.3))
     run_bundle_here(B, "inference.json", dict(TINY[B], dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "pred"),
-                                         ckpt_path=str(out / "models" / "model.pt")))
+                                              ckpt_path=str(out / "models" / "model.pt")))
     pred, spacing, known = read_image(tmp_path / "pred" / "odd_pred.ome.tif")
     assert pred.shape == (1, 21, 70, 45)
     assert known and np.allclose(spacing, (0.4, 0.3, 0.3))

@@ -76,8 +76,8 @@ def predicted(trained, data, tmp_path_factory):
     write_ome_tiff(d / "in" / "thin.ome.tif", vol, "CZYX", (5.0, 0.5, 0.5))
     shutil.copy(data["image"], d / "in" / "spheroid.ome.tif")
     run_bundle_here(B, "inference.json", dict(TINY[B], dataset_dir=str(d / "in"), output_dir=str(d / "pred"),
-                                         ckpt_path=str(out / "models" / "model.pt"), input_channels=[2],
-                                         instance_method="connected_components"))
+                                              ckpt_path=str(out / "models" / "model.pt"), input_channels=[2],
+                                              instance_method="connected_components"))
     return d / "pred"
 
 

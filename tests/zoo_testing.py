@@ -90,7 +90,8 @@ def _captured(cwd=None):
 
 
 def _stream_handlers():
-    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
     return [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
 
 
@@ -102,7 +103,8 @@ def _completed(args, returncode: int, out: io.StringIO, err: io.StringIO, check:
     return p
 
 
-def run_bundle_here(bundle: str, configs, overrides: dict, cmd=("run",), check: bool = True) -> subprocess.CompletedProcess:
+def run_bundle_here(bundle: str, configs, overrides: dict, cmd=("run",),
+                    check: bool = True) -> subprocess.CompletedProcess:
     """:func:`run_bundle` in this process, from the bundle's folder: the same CompletedProcess (``output`` =
     the printed and logged lines, an exception's traceback; exit status 1 on an exception) without the
     interpreter start-up of a subprocess (seconds of imports). ``run`` goes through
