@@ -11,7 +11,6 @@ Bundles with shipped weights (``bundles/<name>/models/model.pt`` + record) are e
 the others with tiny random weights written with their record.
 """
 
-import contextlib
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from monai.bundle import ConfigParser
 
 from common.io import read_image, write_ome_tiff
 from common.networks.record import read_record, write_record
-from zoo_testing import BUNDLES, ROOT, TINY, env, run_bundle_inprocess, run_script
+from zoo_testing import BUNDLES, ROOT, TINY, env, environ, run_bundle_inprocess, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -66,28 +65,13 @@ def _offline_env():
     return dict(env(), OMP_NUM_THREADS="1", **OFFLINE)
 
 
-@contextlib.contextmanager
-def _offline():
-    """This process with every HTTP(S) request pointed at the closed port (restored after)."""
-    saved = {k: os.environ.get(k) for k in OFFLINE}
-    os.environ.update(OFFLINE)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _command(module, *args, cwd, as_user):
     """``python -m <module> <args>`` offline: a separate process when ``as_user``, else in this process."""
     if as_user:  # scripts as the docs write them (python scripts/<name>.py), packages with -m
         launch = [os.path.join(ROOT, *module.split(".")) + ".py"] if module.startswith("scripts.") else ["-m", module]
         return subprocess.run([sys.executable, *launch, *map(str, args)], env=_offline_env(), capture_output=True,
                               text=True, timeout=600, cwd=str(cwd))
-    with _offline():
+    with environ(**OFFLINE):  # every HTTP(S) request of this process at the closed port meanwhile
         return run_script(module, *args, cwd=cwd)
 
 

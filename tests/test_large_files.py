@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from scripts import package_bundles as pack
-from zoo_testing import BUNDLES, run_script
+from zoo_testing import BUNDLES, environ, run_script
 
 SHIPPED = sorted(b for b in os.listdir(BUNDLES) if os.path.isfile(os.path.join(BUNDLES, b, "models", "model.pt")))
 
@@ -62,16 +62,8 @@ def _write_list(dst, entries):
 def _download_large_files(dst):
     """``python -m monai.bundle download_large_files --bundle_path <dst>`` (MONAI's own ``__main__``, run in
     this process: zoo_testing.run_script), past any proxy for the loopback server."""
-    saved = {k: os.environ.get(k) for k in ("NO_PROXY", "no_proxy")}
-    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
-    try:
+    with environ(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost"):
         return run_script("monai.bundle", "download_large_files", "--bundle_path", dst)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 BUNDLE = SHIPPED[0] if SHIPPED else "isl_nucleus_seg"

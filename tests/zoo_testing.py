@@ -53,6 +53,21 @@ def run_bundle_inprocess(bundle: str, configs, overrides: dict):
 
 
 @contextlib.contextmanager
+def environ(**values):
+    """This process's environment variables set to ``values`` meanwhile (restored after)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _captured(cwd=None):
     """This process's stdout, stderr and INFO log records (as the bundles' logging.conf prints them) in
     two buffers; ``cwd`` the working directory meanwhile. Logging, argv and cwd are restored after."""
