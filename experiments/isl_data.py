@@ -26,7 +26,6 @@ import os
 
 import numpy as np
 
-from common.io import read_image, write_ome_tiff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(os.path.dirname(ROOT), "shared", "data", "aisegcell_bf_nuc")
@@ -34,6 +33,8 @@ HEADER = ("path_signal", "path_target", "path_label")
 
 
 def _read(path: str) -> np.ndarray:
+    from common.io import read_image  # lazily: MONAI's import costs seconds, --help should not
+
     arr, _, _ = read_image(path, spatial_dims=2, grayscale="always")
     return np.asarray(arr[0], np.float32)
 
@@ -68,6 +69,8 @@ def read_manifest_rows(path: str) -> list:
 
 def in_channels(manifest: str) -> int:
     """Channels of the first signal of ``manifest``."""
+    from common.io import read_image  # lazily: MONAI's import costs seconds, --help should not
+
     sig = read_manifest_rows(manifest)[0][0]
     sig = sig if os.path.isabs(sig) else os.path.join(os.path.dirname(os.path.abspath(manifest)), sig)
     return int(read_image(sig, spatial_dims=2)[0].shape[0])
@@ -97,6 +100,8 @@ def prepare(out: str, downsample: int = 2, tile: int = 128, src: str | None = No
     Returns:
         ``{"fig3a": csv, "fig2a": csv, "<acq>_<field>": csv, "pool_<field>": csv}`` absolute paths.
     """
+    from common.io import write_ome_tiff  # lazily: MONAI's import costs seconds, --help should not
+
     out = os.path.abspath(out)
     k = int(downsample)
     stamp = os.path.join(out, "done.txt")
@@ -141,6 +146,8 @@ def prepare(out: str, downsample: int = 2, tile: int = 128, src: str | None = No
 def otsu_iou(manifest: str) -> list[float]:
     """Per image: IoU of Otsu's threshold (scikit-image) of the real nuclear stain with the nucleus mask
     (MONAI ``compute_iou``, foreground only, the bundle's validation metric)."""
+    from common.io import read_image  # lazily: MONAI's import costs seconds, --help should not
+
     import torch
     from monai.metrics import compute_iou
     from skimage.filters import threshold_otsu

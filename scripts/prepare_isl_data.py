@@ -28,7 +28,6 @@ import os
 
 import numpy as np
 
-from common.io import read_image, write_ome_tiff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +48,8 @@ def _down(img: np.ndarray, k: int, mask: bool = False) -> np.ndarray:
 
 
 def _read2d(path: str) -> np.ndarray:
+    from common.io import read_image  # lazily: MONAI's import costs seconds, --help should not
+
     arr, _, _ = read_image(path, spatial_dims=2, grayscale="always")
     if arr.shape[0] != 1:
         raise ValueError(f"{path}: expected one channel, got {arr.shape[0]}")
@@ -62,6 +63,8 @@ def _write_manifest(path: str, rows: list, header=("path_signal", "path_target",
 
 
 def _field(out: str, name: str, signal: np.ndarray, target: np.ndarray, label: np.ndarray | None) -> tuple:
+    from common.io import write_ome_tiff  # lazily: MONAI's import costs seconds, --help should not
+
     files = [f"{name}_signal.ome.tif", f"{name}_target.ome.tif"]
     write_ome_tiff(os.path.join(out, files[0]), signal[None] if signal.ndim == 2 else signal, "CYX")
     write_ome_tiff(os.path.join(out, files[1]), target, "YX")
