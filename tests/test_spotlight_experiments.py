@@ -133,3 +133,23 @@ def test_fnet_output_bias_init_and_record():
     x = torch.zeros(1, 1, 16, 16)
     b.eval()
     assert torch.allclose(b(x), torch.full_like(x, -1.0), atol=0.05)  # starts below the threshold 0
+
+
+def test_background_above_counts_background_voxels_at_or_above_zero(tmp_path):
+    """By hand: a target with a bright block (its Otsu foreground) and a prediction that is >= 0 on a known
+    number of the background voxels."""
+    from common.io import write_ome_tiff
+    from experiments.spotlight_vs_fnet import background_above
+
+    tgt = np.full((4, 8, 8), 10.0, np.float32)
+    tgt[:, 2:6, 2:6] = 100.0  # foreground: 64 voxels; background: 192
+    pred = np.full(tgt.shape, -1.0, np.float32)
+    pred[:, 2:6, 2:6] = 2.0  # foreground predicted as such: not counted
+    pred[0, 0, :] = 0.0  # 8 background voxels exactly at the threshold
+    pred[1, 7, :4] = 0.5  # 4 more above it
+    write_ome_tiff(tmp_path / "s.ome.tif", tgt, "ZYX")
+    write_ome_tiff(tmp_path / "t.ome.tif", tgt, "ZYX")
+    (tmp_path / "pred").mkdir()
+    write_ome_tiff(tmp_path / "pred" / "s_pred.ome.tif", pred, "ZYX")
+    (tmp_path / "m.csv").write_text("path_signal,path_target\ns.ome.tif,t.ome.tif\n")
+    assert background_above(str(tmp_path / "pred"), str(tmp_path / "m.csv")) == pytest.approx(12 / 192)
