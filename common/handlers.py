@@ -213,8 +213,8 @@ class Resumable:
         objects = dict(self.objects, trainer=engine)
         path = latest_loadable_checkpoint(self.ckpt_dir, f"{self.file_prefix}*.pt") if self.resume else None
         network = self.objects.get("network")
-        if path is not None and isinstance(network, torch.nn.Module):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if path is not None else None
+        if ckpt is not None and isinstance(network, torch.nn.Module):
             diff = state_dict_mismatch(network.state_dict(), _network_state(ckpt, "network"))
             if diff:
                 raise CheckpointMismatchError(
@@ -224,7 +224,10 @@ class Resumable:
         if path is not None:
             self.logger.info(f"resuming from {path}")
             self.resumed_from = path
-            CheckpointLoader(load_path=path, load_dict=objects, map_location=self.map_location).attach(engine)
+            missing = [k for k in objects if k not in ckpt] if isinstance(ckpt, dict) and len(objects) > 1 else []
+            if missing:  # e.g. a checkpoint written before the config gained an lr_scheduler: those start afresh
+                self.logger.warning(f"{path} holds no {', '.join(missing)}: they start from their initial state")
+            CheckpointLoader(load_path=path, load_dict={k: v for k, v in objects.items() if k not in missing}, map_location=self.map_location).attach(engine)
         elif self.resume:
             self.logger.info(f"no checkpoint in {self.ckpt_dir}: training from the start")
         else:
