@@ -459,6 +459,13 @@ def test_range_psnr_metric_agrees_with_psnr_on_constant_targets():
     assert float(value) == pytest.approx(M.psnr(good_p, good_t), rel=1e-4)
 
 
+def test_range_psnr_metric_names_a_diverged_prediction():
+    """A NaN prediction is not reported as a constant target (it was, when an F-net run diverged)."""
+    t = torch.rand(1, 1, 4, 4)
+    with pytest.raises(M.DegenerateInputError, match="prediction holds NaN"):
+        M.RangePSNRMetric()(torch.full((1, 1, 4, 4), float("nan")), t)
+
+
 @pytest.mark.parametrize("a, b", [(np.zeros((32, 32)), np.zeros((32, 32))),
                                   (np.ones((32, 32)), RNG.random((32, 32))),
                                   (RNG.random((8, 16, 16)), np.full((8, 16, 16), 7.0))])

@@ -114,6 +114,9 @@ def _batch_range_psnr(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     mse = ((x - t) ** 2).mean(1)
     rng = t.amax(1) - t.amin(1)
     val = 10.0 * torch.log10(rng**2 / mse)
+    if not bool(torch.isfinite(x).all()):
+        raise DegenerateInputError("RangePSNR: the prediction holds NaN or infinite values (the network diverged, "
+                                   "or its input is not finite); check the training loss and the input images")
     val = torch.where(rng > 0, val, torch.full_like(val, float("nan")))
     return val.float().unsqueeze(1)
 
