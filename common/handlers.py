@@ -19,7 +19,7 @@ from common.errors import CheckpointMismatchError, ZooError
 from common.outputs import atomic_write, remove_stale_temp
 
 __all__ = ["checkpoints_newest_first", "latest_checkpoint", "latest_loadable_checkpoint", "Resumable",
-           "SkipNonFiniteSteps", "TrainingDivergedError",
+           "SkipNonFiniteSteps", "TrainingDivergedError", "step_is_finite",
            "AtomicDiskSaver", "AtomicCheckpointSaver", "CheckpointMismatchError", "state_dict_mismatch",
            "check_checkpoint"]
 
@@ -242,6 +242,17 @@ class Resumable:
                               epoch_level=True, n_saved=max(2, self.n_saved), file_prefix=self.file_prefix).attach(engine)
 
 
+def step_is_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor | None = None) -> bool:
+    """True when ``loss`` (if given) and every gradient of ``optimizer``'s parameters are finite.
+
+    One reduction per parameter tensor (``sum``: NaN or inf anywhere makes it non-finite).
+    """
+    parts = [p.grad.detach().sum().float() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if torch.is_tensor(loss):
+        parts.append(loss.detach().float().reshape(()))
+    return not parts or bool(torch.isfinite(torch.stack(parts)).all())
+
+
 class TrainingDivergedError(ZooError):
     """Training produced non-finite losses or gradients for many steps in a row."""
 
@@ -275,15 +286,11 @@ class SkipNonFiniteSteps:
     def __call__(self, engine) -> None:
         if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
             return
-        grads = [p.grad for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
         loss = engine.state.output.get("loss") if isinstance(engine.state.output, dict) else None
-        parts = [g.detach().sum().float() for g in grads] + ([loss.detach().float().reshape(())] if torch.is_tensor(loss) else [])
-        if not parts or bool(torch.isfinite(torch.stack(parts)).all()):
+        if step_is_finite(engine.optimizer, loss):
             self._run = 0
             return
-        for g in engine.optimizer.param_groups:
-            for p in g["params"]:
-                p.grad = None
+        engine.optimizer.zero_grad(set_to_none=True)
         self._run += 1
         self.skipped.append(int(engine.state.iteration))
         self.logger.warning(f"iteration {engine.state.iteration}: loss or gradients not finite, step skipped "

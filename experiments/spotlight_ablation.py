@@ -13,7 +13,7 @@ converged. Everything is in one process per run (no bundle machinery), so a swee
   of the target, which the min-max-rescaling evaluation removes).
 * **Training**: a 2D :class:`common.networks.fnet.FNet` on random ``patch`` x ``patch`` crops of
   any z-slice of the training volumes that hold some foreground (the bundles' ``RandForegroundPatchd``
-  rule), Adam (lr 1e-3, betas 0.5/0.999, as the bundles), bf16 autocast + channels-last on CPUs with
+  rule), Adam (lr 1e-3, betas 0.5/0.999, as the bundles; cosine decay to 0 by default), bf16 autocast + channels-last on CPUs with
   native bf16. Both loss terms are logged every ``log_every`` iterations; validation Pearson r (the
   convergence criterion) on the validation volume.
 * **Evaluation**: the test volumes predicted slice by slice, then the 3D Spotlight protocol of
@@ -111,13 +111,15 @@ def predict_volume(net, signal: np.ndarray, fast: bool) -> np.ndarray:
 
 
 def train_one(variant: str, seed: int, data_dir: str, iterations: int, batch: int, patch: int,
-              warm_dir: str | None = None, log_every: int = 50, threads: int = 1) -> dict:
+              warm_dir: str | None = None, log_every: int = 50, threads: int = 1, lr_schedule: str = "cosine") -> dict:
     """Train one variant with one seed; returns its history and saves ``<data_dir>/../runs/<variant>_s<seed>.pt``."""
     import torch
 
     from common.fastpath import autocast_context, native_bf16_cpu
     from common.metrics import pearson_r
     from common.networks.fnet import FNet
+    from common.handlers import step_is_finite
+    from common.optim import lr_scheduler
     from common.outputs import atomic_write
     from common.spotlight import SpotlightLoss, masked_mse, soft_dice_loss, soft_threshold
 
@@ -138,9 +140,11 @@ def train_one(variant: str, seed: int, data_dir: str, iterations: int, batch: in
     net = net.to(memory_format=torch.channels_last)
     fast = native_bf16_cpu()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    sched = lr_scheduler(opt, lr_schedule, iterations)
     loss_fn = SpotlightLoss(lambda_mse=v["lam"], k=v["k"], clamp=v["clamp"] or "min") if v["loss"] == "spotlight" else None
     hist = {"iteration": [], "loss": [], "mmse": [], "dice": [], "frac_above": [], "val_iteration": [], "val_pearson": []}
     acc = {"loss": [], "mmse": [], "dice": [], "frac_above": []}
+    skipped = []
     t0 = time.time()
     for it in range(1, iterations + 1):
         xs, ys = sample_batch(train, pool, rng, batch, patch)
@@ -156,7 +160,12 @@ def train_one(variant: str, seed: int, data_dir: str, iterations: int, batch: in
             loss = loss_fn(p, torch.cat([y, m], 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if step_is_finite(opt, loss):  # bf16 on CPU has no loss scaler: a rare non-finite step is skipped
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            skipped.append(it)
+        sched.step()
         with torch.no_grad():  # both terms of the Spotlight loss, logged for every variant
             acc["loss"].append(float(loss))
             acc["mmse"].append(float(masked_mse(p, y, m).mean()))
@@ -178,7 +187,8 @@ def train_one(variant: str, seed: int, data_dir: str, iterations: int, batch: in
     path = os.path.join(runs, f"{variant}_s{seed}.pt")
     with atomic_write(path) as tmp:  # a killed sweep never leaves a half-written network
         torch.save(net.to(memory_format=torch.contiguous_format).state_dict(), tmp)
-    return {"variant": variant, "seed": seed, "seconds": round(time.time() - t0, 1), "history": hist}
+    return {"variant": variant, "seed": seed, "seconds": round(time.time() - t0, 1), "history": hist,
+            "skipped_steps": skipped}
 
 
 def converged(val_iteration, val_pearson, fraction: float = 0.2, tol: float = 0.01) -> tuple[bool, float]:
@@ -254,9 +264,11 @@ def evaluate_run(variant: str, seed: int, data_dir: str, threads: int = 1) -> di
     return out
 
 
-def _job(variant: str, seed: int, data_dir: str, iterations: int, batch: int, patch: int, threads: int) -> dict:
+def _job(variant: str, seed: int, data_dir: str, iterations: int, batch: int, patch: int, threads: int,
+         lr_schedule: str = "cosine") -> dict:
     out = train_one(variant, seed, data_dir, iterations, batch, patch,
-                    warm_dir=os.path.join(os.path.dirname(os.path.abspath(data_dir)), "runs"), threads=threads)
+                    warm_dir=os.path.join(os.path.dirname(os.path.abspath(data_dir)), "runs"), threads=threads,
+                    lr_schedule=lr_schedule)
     return dict(out, metrics=evaluate_run(variant, seed, data_dir, threads))
 
 
@@ -336,12 +348,16 @@ def plot_curves(path: str, results: dict, variants, seed: int) -> str:
 
 
 def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEFAULT_VARIANTS, iterations: int = 3000,
-         batch: int = 8, patch: int = 48, jobs: int = 2, threads: int = 1, n_volumes=(6, 1, 3), train: bool = True):
+         batch: int = 8, patch: int = 48, jobs: int = 2, threads: int = 1, n_volumes=(6, 1, 3), train: bool = True,
+         lr_schedule: str = "cosine"):
     """Train and evaluate every variant for every seed; writes ``ablation.md``, ``results.json``, ``curves.png``.
 
     ``n_volumes``: phantoms for (train, val, test); finished runs in ``results.json`` are kept on a rerun.
     ``train=False``: no training, the report of the runs in ``results.json`` (e.g. of a sweep stopped early).
+    ``lr_schedule``: Adam's rate over the iterations (``common.optim``): ``cosine`` (default, decays to 0, so
+    that the runs settle) or ``constant``.
     """
+    from common.optim import lr_factor
     from common.report import write_json, write_text
     from experiments.spotlight_vs_fnet import write_phantoms
 
@@ -350,6 +366,7 @@ def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEF
     variants = [variants] if isinstance(variants, str) else list(variants)
     for v in variants:
         parse_variant(v)
+    lr_factor(0, lr_schedule, 1)  # a wrong name is a named error before any work starts
     if any(parse_variant(v)["init"] == "warm" for v in variants) and "mse" not in variants:
         raise ValueError("the '+warm' variants start from the 'mse' networks: add 'mse' to --variants")
     out_dir = os.path.abspath(out_dir)
@@ -358,7 +375,7 @@ def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEF
     watershed_params(data_dir)
     res_path = os.path.join(out_dir, "results.json")
     results = json.load(open(res_path)) if os.path.isfile(res_path) else {}
-    common = (data_dir, int(iterations), int(batch), int(patch), int(threads))
+    common = (data_dir, int(iterations), int(batch), int(patch), int(threads), str(lr_schedule))
 
     def done(r):
         results[f"{r['variant']}_s{r['seed']}"] = r
@@ -378,7 +395,7 @@ def main(out_dir: str = "spotlight_ablation", seeds: int | str = 3, variants=DEF
     plot_curves(os.path.join(out_dir, "curves.png"), results, variants, seeds[0])
     cmd = "python -m experiments.spotlight_ablation " + " ".join(sys.argv[1:])
     text = (f"# Spotlight ablation (2D, phantom slices)\n\nCommand: `{cmd.strip()}`; {len(seeds)} seed(s); "
-            f"{iterations} iterations of batch {batch}, {patch}x{patch} crops, 2D F-net {NET_2D['depth']} levels / "
+            f"{iterations} iterations of batch {batch} (Adam lr 1e-3, {lr_schedule} schedule), {patch}x{patch} crops, 2D F-net {NET_2D['depth']} levels / "
             f"{NET_2D['mult_chan']} channels; evaluated on {len(load_split(os.path.join(data_dir, 'test.csv')))} "
             f"held-out 3D volumes predicted slice by slice. Mean +- sd over seeds. bg std: std of the min-max "
             f"rescaled prediction outside the target's Otsu foreground (target units); bg >= thr: fraction of "

@@ -153,3 +153,12 @@ def test_background_above_counts_background_voxels_at_or_above_zero(tmp_path):
     write_ome_tiff(tmp_path / "pred" / "s_pred.ome.tif", pred, "ZYX")
     (tmp_path / "m.csv").write_text("path_signal,path_target\ns.ome.tif,t.ome.tif\n")
     assert background_above(str(tmp_path / "pred"), str(tmp_path / "m.csv")) == pytest.approx(12 / 192)
+
+
+def test_ablation_rejects_an_unknown_lr_schedule_before_any_work(tmp_path):
+    from common.optim import LrScheduleError
+    from experiments.spotlight_ablation import main
+
+    with pytest.raises(LrScheduleError, match="'linear'"):
+        main(out_dir=str(tmp_path / "abl"), seeds=1, variants=["mse"], iterations=2, lr_schedule="linear")
+    assert not (tmp_path / "abl").exists()
