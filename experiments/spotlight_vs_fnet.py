@@ -48,6 +48,8 @@ LR_SCHEDULE = "cosine"
 #: watershed grid tuned on the training targets (nuclei of 12-20 voxels here; CLAHE off: it lifts the haze)
 WATERSHED_GRID = {"sigma": (0.5, 1.0), "min_distance_um": (2.5, 3.5, 4.5), "clahe": (False,)}
 BUNDLES = {"F-net (MSE)": "fnet_baseline", "Spotlight": "spotlight_dna"}
+#: each bundle's key validation metric: the model it keeps (``models/model.pt``) is the best by this one
+KEY_METRIC = {"fnet_baseline": "val_pearson", "spotlight_dna": "val_fg_pearson"}
 
 
 def write_phantoms(out_dir: str, n_train: int = 6, n_val: int = 1, n_test: int = 3, seed: int = 1000) -> dict:
@@ -248,12 +250,19 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
             per_seed["target"][k].append(_metric(res, "target", where) if where[0] == "segmentation" else float("nan"))
         bg_above.append(background_above(os.path.join(out_dir, f"seed{s}", "spotlight_dna", "pred"), data["test"]))
     checks = expectations(per_seed)
+    kept = {}
+    for (b, s), info in runs.items():  # which validation the kept model came from
+        steps, vals = val_history(os.path.join(out_dir, f"seed{s}", b, "runs"), KEY_METRIC[b])
+        if vals:
+            i = int(np.argmax(vals))
+            kept[f"{b} seed {s}"] = (int(steps[i]) * int(info["overrides"]["epoch_length"]), float(vals[i]))
     conv = {f"{b} seed {s}": converged(runs[(b, s)]["val_epochs"], runs[(b, s)]["val_pearson"])
             for s in seeds for b in BUNDLES.values()}
     cmd = "python -m experiments.spotlight_vs_fnet " + " ".join(sys.argv[1:])
     lines = [f"# F-net (MSE) vs Spotlight, 3D phantoms, {len(seeds)} seeds", "",
              f"Command: `{cmd.strip()}`. Same budget for both bundles: {iterations} iterations, batch {BATCH}, patch "
-             f"{list(PATCH)}, F-net depth {NET['depth']} / {NET['mult_chan']} channels, Adam lr 1e-3; phantoms "
+             f"{list(PATCH)}, F-net depth {NET['depth']} / {NET['mult_chan']} channels, Adam lr 1e-3 ({LR_SCHEDULE} "
+             f"schedule); {n_val} validations, each bundle keeps its best model by its key metric; phantoms "
              f"{SHAPE} at {SPACING_UM[0]} um (`experiments.spotlight_vs_fnet.PHANTOM`), held-out test volumes; "
              f"spotlight_dna overrides: {extra or 'none (bundle defaults)'}. Wall time {time.time() - t0:.0f} s.", "",
              "| model | " + " | ".join(h for _, _, h in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
@@ -270,14 +279,15 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
     lines += ["", "## Convergence (validation Pearson r change over the last 20 % of iterations; < 0.01 = converged)", ""]
     lines += [f"- {k}: {'converged' if v[0] else 'NOT converged'} (change {v[1]:.4f}; "
               f"history {[round(x, 3) for x in runs[(k.split(' seed ')[0], int(k.split(' seed ')[1]))]['val_pearson']]})"
-              for k, v in conv.items()]
+              + (f"; model kept from iteration {kept[k][0]} (best {KEY_METRIC[k.split(' seed ')[0]]} {kept[k][1]:.3f})"
+                 if k in kept else "") for k, v in conv.items()]
     lines += ["", f"Figures of seed {seeds[0]} (report.md there has everything per seed): "
               f"[orthogonal max-projections with outlines](seed{seeds[0]}/report/mips_0.png) (paper Fig. 2a), "
               f"[intensity histograms](seed{seeds[0]}/report/histograms.png) (Fig. 3a), "
               f"[threshold sweep](seed{seeds[0]}/report/sweep.png) (Fig. 3b)."]
     text = "\n".join(lines) + "\n"
     write_json(os.path.join(out_dir, "summary.json"), {"per_seed": per_seed, "expectations": checks, "bg_above": bg_above,
-                                                        "convergence": conv, "runs": infos})
+                                                        "convergence": conv, "kept": kept, "runs": infos})
     write_text(os.path.join(out_dir, "summary.md"), text)
     print(text, flush=True)
 
