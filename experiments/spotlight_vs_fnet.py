@@ -1,6 +1,6 @@
 """F-net (MSE) vs Spotlight in 3D, through the bundles, at a budget where F-net has converged; 3 seeds.
 
-    python -m experiments.spotlight_vs_fnet --seeds 3 --out_dir spotlight_vs_fnet      # ~50 min on 2 cores
+    python -m experiments.spotlight_vs_fnet --seeds 3 --out_dir spotlight_vs_fnet      # ~100 min on 2 cores
     python -m experiments.spotlight_vs_fnet --seeds 1 --iterations 20 --out_dir smoke  # a smoke run
 
 Steps:
@@ -9,10 +9,11 @@ Steps:
    not show), split into train / val / held-out test manifests;
 2. for every seed, ``fnet_baseline`` and ``spotlight_dna``'s ``configs/train.json``
    (:func:`experiments.runner.run_inprocess`) with identical overrides (network, patch, batch,
-   iterations, lr, seed; bf16 autocast + channels-last on CPUs with native bf16, for both), validation
-   every tenth of the budget; the convergence check reads F-net's validation Pearson r history
+   iterations, lr and its cosine decay, seed; bf16 autocast + channels-last on CPUs with native bf16, for
+   both), ``n_val`` validations (each bundle keeps its best model by its key metric); the convergence check reads F-net's validation Pearson r history
    (:func:`experiments.spotlight_ablation.converged`: change < 0.01 over the last 20 %);
-3. each bundle's ``configs/inference.json`` on the held-out signals;
+3. each bundle's ``configs/inference.json`` on the held-out signals, and Spotlight's last-iteration
+   network (:func:`predict_last`) beside its kept one;
 4. :func:`common.spotlight.report.evaluate_dataset` per seed (the Spotlight protocol, figures like the
    paper's Fig. 2a, 3a, 3b), then ``<out_dir>/summary.md``: mean +- sd over seeds of every metric and
    the paper's three expectations checked.
@@ -50,6 +51,8 @@ WATERSHED_GRID = {"sigma": (0.5, 1.0), "min_distance_um": (2.5, 3.5, 4.5), "clah
 BUNDLES = {"F-net (MSE)": "fnet_baseline", "Spotlight": "spotlight_dna"}
 #: each bundle's key validation metric: the model it keeps (``models/model.pt``) is the best by this one
 KEY_METRIC = {"fnet_baseline": "val_pearson", "spotlight_dna": "val_fg_pearson"}
+#: the row of Spotlight's last-iteration network (not the kept one) in the summary
+LAST = "Spotlight, last iteration"
 
 
 def write_phantoms(out_dir: str, n_train: int = 6, n_val: int = 1, n_test: int = 3, seed: int = 1000) -> dict:
@@ -161,6 +164,36 @@ def _metric(result: dict, name: str, where) -> float:
     return float(d["ap"][key]) if isinstance(key, int) else float(d[key])
 
 
+def predict_last(bundle: str, data: dict, work: str) -> str:
+    """Predict the test set with the network of the run's *last* iteration (its newest resumable checkpoint).
+
+    The bundles keep the best validation model; this tests whether that choice explains a result.
+    Returns the prediction folder ``work/pred_last`` (skipped when it exists).
+    """
+    import shutil
+
+    import torch
+
+    from common.handlers import latest_loadable_checkpoint
+    from common.outputs import atomic_write
+    from experiments.runner import bundle_dir, run_inprocess
+
+    out = os.path.join(work, "pred_last")
+    if os.path.isdir(out):
+        return out
+    last = os.path.join(work, "last")
+    os.makedirs(last, exist_ok=True)
+    ckpt = torch.load(latest_loadable_checkpoint(os.path.join(work, "runs", "checkpoints")), map_location="cpu",
+                      weights_only=True)
+    with atomic_write(os.path.join(last, "model.pt")) as tmp:
+        torch.save(ckpt["network"], tmp)
+    shutil.copy(os.path.join(work, "models", "model.json"), os.path.join(last, "model.json"))  # the config record
+    run_inprocess(bundle, "inference.json", {"dataset_dir": data["test"], "output_dir": out,
+                                             "ckpt_path": os.path.join(last, "model.pt")},
+                  logging_file=os.path.join(bundle_dir(bundle), "configs", "logging.conf"))
+    return out
+
+
 def background_above(pred_dir: str, manifest: str) -> float:
     """Fraction of the targets' background voxels (outside the Otsu foreground) that a Spotlight
     prediction puts at or above its foreground threshold (0 in Otsu-standardised units), over a manifest."""
@@ -196,7 +229,7 @@ def expectations(per_seed: dict) -> list[dict]:
     return out
 
 
-def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: int = 3000, n_val: int = 10,
+def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: int = 5000, n_val: int = 20,
          jobs: int = 2, threads: int = 1, spotlight: dict | None = None):
     """Train both bundles per seed, evaluate each seed with the Spotlight protocol, write ``summary.md``.
 
@@ -230,7 +263,7 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
     else:
         infos = [_seed_job(*j) for j in jobs_list]
     runs = {(i["bundle"], i["seed"]): i for i in infos}
-    per_seed = {n: {k: [] for k, _, _ in METRICS} for n in ["target", *BUNDLES]}
+    per_seed = {n: {k: [] for k, _, _ in METRICS} for n in ["target", *BUNDLES, LAST]}
     bg_above = []
     for s in seeds:
         rep = os.path.join(out_dir, f"seed{s}", "report")
@@ -249,6 +282,18 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
         for k, where, _ in METRICS:
             per_seed["target"][k].append(_metric(res, "target", where) if where[0] == "segmentation" else float("nan"))
         bg_above.append(background_above(os.path.join(out_dir, f"seed{s}", "spotlight_dna", "pred"), data["test"]))
+        # Spotlight's last-iteration network beside the kept one: does the model selection explain the result?
+        rep_last = os.path.join(out_dir, f"seed{s}", "report_last")
+        if not os.path.isfile(os.path.join(rep_last, "metrics.json")):
+            _log(f"seed {s}: Spotlight's last-iteration model")
+            pred_last = predict_last("spotlight_dna", data, os.path.join(out_dir, f"seed{s}", "spotlight_dna"))
+            evaluate_dataset(data["test"], {LAST: pred_last}, rep_last, train_manifest=data["train"], microssim=False,
+                             tune=False, watershed_params=watershed_params(os.path.dirname(data["train"])),
+                             title=f"Spotlight, last iteration, seed {s}")
+        with open(os.path.join(rep_last, "metrics.json")) as f:
+            res = json.load(f)
+        for k, where, _ in METRICS:
+            per_seed[LAST][k].append(_metric(res, LAST, where))
     checks = expectations(per_seed)
     kept = {}
     for (b, s), info in runs.items():  # which validation the kept model came from
@@ -266,7 +311,7 @@ def main(out_dir: str = "spotlight_vs_fnet", seeds: int | str = 3, iterations: i
              f"{SHAPE} at {SPACING_UM[0]} um (`experiments.spotlight_vs_fnet.PHANTOM`), held-out test volumes; "
              f"spotlight_dna overrides: {extra or 'none (bundle defaults)'}. Wall time {time.time() - t0:.0f} s.", "",
              "| model | " + " | ".join(h for _, _, h in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for n in BUNDLES:
+    for n in [*BUNDLES, LAST]:
         lines.append(f"| {n} | " + " | ".join(mean_sd(per_seed[n][k], ".3f" if k not in ("psnr", "psnr_fg", "bg_std")
                                                         else ".2f") for k, _, _ in METRICS) + " |")
     lines.append("| real stain (segmentation only) | " + " | ".join(

@@ -162,3 +162,28 @@ def test_ablation_rejects_an_unknown_lr_schedule_before_any_work(tmp_path):
     with pytest.raises(LrScheduleError, match="'linear'"):
         main(out_dir=str(tmp_path / "abl"), seeds=1, variants=["mse"], iterations=2, lr_schedule="linear")
     assert not (tmp_path / "abl").exists()
+
+
+@pytest.mark.slow
+def test_predict_last_uses_the_newest_checkpoint(tmp_path):
+    """The last-iteration network is the one in the newest resumable checkpoint, and it predicts every test volume."""
+    import torch
+
+    from common.handlers import latest_loadable_checkpoint
+    from common.synthetic import write_dataset_3d
+    from experiments.spotlight_vs_fnet import predict_last
+    from zoo_testing import TINY, TINY_TRAIN, run_bundle_here, split_manifest
+
+    b = "spotlight_dna"
+    data = split_manifest(write_dataset_3d(str(tmp_path / "data"), n_volumes=3, shape=(16, 48, 48), seed=4),
+                          {"train": 1, "val": 1, "test": 1})
+    work = tmp_path / "run"
+    run_bundle_here(b, "train.json", dict(TINY[b], **TINY_TRAIN[b], train_manifest=data["train"],
+                                          val_manifest=data["val"], ckpt_dir=str(work / "models"),
+                                          output_dir=str(work / "runs")))
+    out = predict_last(b, data, str(work))
+    assert len(os.listdir(out)) == 1 and os.listdir(out)[0].endswith("_pred.ome.tif")
+    last = torch.load(work / "last" / "model.pt", weights_only=True)
+    ckpt = torch.load(latest_loadable_checkpoint(str(work / "runs" / "checkpoints")), weights_only=True)["network"]
+    assert last.keys() == ckpt.keys() and all(torch.equal(last[k], ckpt[k]) for k in last)
+    assert predict_last(b, data, str(work)) == out  # cached
