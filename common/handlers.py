@@ -261,7 +261,8 @@ class SkipNonFiniteSteps:
     """Skip an optimiser step whose loss or gradients are not finite, as AMP's ``GradScaler`` does for fp16.
 
     Training under bf16 autocast on CPU has no loss scaler; a single step with an infinite or NaN
-    gradient (rare: one run in about seven of the Spotlight comparison's, at iteration ~140) would
+    gradient (rare: before this guard one 3D F-net run of the Spotlight comparison turned NaN at iteration
+    ~140; with it, one step in six 5,000-iteration runs was skipped) would
     otherwise turn every weight into NaN for good. After ``BACKWARD_COMPLETED`` this handler checks
     the loss and every gradient; if one is not finite it drops the gradients (``grad = None``, so
     the optimiser leaves the weights and its moments as they are) and logs a warning. After

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.errors import named_error
+from common.handlers import latest_loadable_checkpoint
 from common.optim import LrScheduleError, lr_factor, lr_scheduler
 from common.synthetic import write_dataset_3d
 from zoo_testing import TINY, TINY_TRAIN, run_bundle_here, split_manifest
@@ -79,3 +80,8 @@ def test_bundle_cosine_schedule_and_resume_from_a_checkpoint_without_scheduler(b
     torch.save(st, last)
     p = run_bundle_here(bundle, "train.json", dict(ov, num_epochs=3, resume=True))
     assert "holds no lr_scheduler" in p.output
+    # the trainer resumed at iteration 6 and ran 3 more; the schedule restarted (9 iterations in all): factor(3 of 9)
+    st = torch.load(latest_loadable_checkpoint(str(tmp_path / "runs" / "checkpoints")), weights_only=True)
+    assert st["trainer"]["iteration"] == 9
+    assert st["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002 * lr_factor(3, "cosine", 9))
+    assert st["lr_scheduler"]["last_epoch"] == 3
