@@ -1,21 +1,26 @@
 """isl_nucleus_seg across acquisitions: train on one aiSEGcell acquisition, test on the other (label-free input).
 
-    python -m experiments.isl_crossacq --seeds "[0,1,2]"
+    python -m experiments.isl_crossacq --seeds "[0,1,2]" --jobs 2
     python -m experiments.isl_crossacq --seeds "[0]" --directions "[fig3a_to_fig2a]" --variants "[zscore,default]"
+    python -m experiments.isl_crossacq --seeds "[0]" --directions "[fig2a_within,fig3a_within]" --pretrain_iterations 0
 
 Both directions, every seed, through the bundle's own ``configs/train.json`` (in-process via
-:mod:`experiments.runner`, as ``python -m monai.bundle run`` does):
+:mod:`experiments.runner`, as ``python -m monai.bundle run`` does), the bundle's two stages:
 
-* ``fig3a_to_fig2a``: stage 1 (nucleus masks) on the 3 fig3a fields, tested on the 4 fig2a frames;
-* ``fig2a_to_fig3a``: stage 1 on the 4 fig2a frames, tested on the 3 fig3a fields.
+* ``fig3a_to_fig2a``: stage 0 (ISL: bright field -> nuclear stain) and then stage 1 (nucleus masks,
+  initialised from stage 0) on the 3 fig3a fields, tested on the 4 fig2a frames;
+* ``fig2a_to_fig3a``: the same on the 4 fig2a frames, tested on the 3 fig3a fields;
+* ``fig2a_within`` / ``fig3a_within`` (:data:`WITHIN`, a reference, not a cross-acquisition result):
+  trained on the other fields of one acquisition, tested on its last field.
 
-The network sees only the bright field. Every run has the same budget (``iterations`` x
-``batch_size`` crops of ``patch_size``), no model selection: the final network is evaluated once
-(the bundle's validation = the test acquisition, IoU of the binary mask per image, MONAI's
-``MeanIoUHandler``). Baseline: Otsu's threshold (scikit-image) on the *real nuclear stain* of the
-test images, same IoU. ``variants`` name bundle-override sets (:data:`VARIANTS`) for the ablation
-of the normalisation and augmentation switches; ``default`` is the bundle's train.json as shipped.
-Outputs in ``out_dir``: ``results.json``, ``crossacq.md`` (mean +- sd over seeds).
+The network sees only the bright field. Every run has the same budget (``pretrain_iterations`` of
+stage 0, then ``iterations`` of stage 1, ``batch_size`` crops of ``patch_size``; ``--pretrain_iterations
+0``: stage 1 from scratch), no model selection: the final network is evaluated once (the bundle's
+validation = the test images, IoU of the binary mask per image, MONAI's ``MeanIoUHandler``); stage 0's
+single validation is on its own training images. Baseline: Otsu's threshold (scikit-image) on the *real
+nuclear stain* of the test images, same IoU. ``variants`` name bundle-override sets (:data:`VARIANTS`)
+for the ablation of the normalisation and augmentation switches; ``default`` is the bundle's train.json
+as shipped. Outputs in ``out_dir``: ``results.json``, ``crossacq.md`` (mean +- sd over seeds).
 """
 
 from __future__ import annotations
@@ -53,6 +58,24 @@ VARIANTS = {
 
 DIRECTIONS = {"fig3a_to_fig2a": ("fig3a", "fig2a"), "fig2a_to_fig3a": ("fig2a", "fig3a")}
 
+#: the within-acquisition reference (not a cross-acquisition result): the same budget, trained on the other
+#: fields of one acquisition and tested on its last field (``<acq>_<field>`` manifest), to show how much of the
+#: gap is the change of acquisition and how much the labels and the budget
+WITHIN = {"fig2a_within": ("fig2a", "t00101"), "fig3a_within": ("fig3a", "p0013")}
+
+
+def manifests(data: dict, direction: str) -> tuple[str, str, str]:
+    """``(train manifest, test manifest, test name)`` of a direction (:data:`DIRECTIONS` or :data:`WITHIN`);
+    a within-acquisition training manifest (the acquisition's other fields) is written beside ``data``'s."""
+    if direction in DIRECTIONS:
+        train_acq, test_acq = DIRECTIONS[direction]
+        return data[train_acq], data[test_acq], test_acq
+    acq, held_out = WITHIN[direction]
+    fields = sorted(k for k in data if k.startswith(acq + "_") and k != f"{acq}_{held_out}")
+    train = os.path.join(os.path.dirname(data[acq]), f"{acq}_without_{held_out}.csv")
+    isl_data.write_manifest(train, [row for k in fields for row in isl_data.read_manifest_rows(data[k])])
+    return train, data[f"{acq}_{held_out}"], f"{acq}_{held_out}"
+
 
 def _log(msg: str) -> None:
     print(f"[isl_crossacq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -86,34 +109,47 @@ def train_and_test(train_csv: str, test_csv: str, run_dir: str, seed: int, overr
 
 
 def _one(direction: str, variant: str, seed: int, train_csv: str, test_csv: str, run_dir: str, threads: int,
-         budget: dict) -> dict:
+         budget: dict, pretrain_iterations: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(int(threads))
+    pre = {}
+    if pretrain_iterations:
+        # stage 0 (ISL: bright field -> the nuclear stain) on the training acquisition only; its one validation
+        # is on the same images (the test acquisition is not touched), the final network is kept
+        pre = train_and_test(train_csv, train_csv, os.path.join(run_dir, "stage0"), seed, VARIANTS[variant],
+                             **dict(budget, iterations=pretrain_iterations), stage=0)
+        _log(f"{direction} {variant} seed {seed}: stage 0 Pearson r on its training images {pre['val_pearson']:.3f} "
+             f"({pre['seconds']} s)")
+        budget = dict(budget, init="isl", stage0_ckpt=os.path.join(run_dir, "stage0", "models", "model_stage0.pt"))
     r = train_and_test(train_csv, test_csv, run_dir, seed, VARIANTS[variant], **budget)
     r.update(direction=direction, variant=variant, seed=seed)
+    if pre:
+        r.update(stage0_pearson=pre["val_pearson"], stage0_seconds=pre["seconds"])
     _log(f"{direction} {variant} seed {seed}: IoU {r['val_iou']:.3f} per image {np.round(r['per_image'], 3).tolist()} "
          f"({r['seconds']} s)")
     return r
 
 
 def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str | None = None, seeds=(0, 1, 2),
-        directions=tuple(DIRECTIONS), variants=("default",), iterations: int = 300, batch_size: int = 4,
+        directions=tuple(DIRECTIONS), variants=("default",), iterations: int = 2000, batch_size: int = 4,
         patch_size: int = 128, learning_rate: float = 1e-3, eval_roi: int = 256, downsample: int = 2,
-        threads: int = 1, jobs: int = 1) -> dict:
+        threads: int = 1, jobs: int = 1, pretrain_iterations: int = 2000) -> dict:
     """Run every direction x variant x seed; returns the results (also ``<out_dir>/results.json``).
 
     Args:
         out_dir: runs, table and results (default git-ignored under the bundle's ``runs/``).
         data_dir: prepared data (:func:`experiments.isl_data.prepare`), default ``<out_dir>/../data_x<downsample>``.
         seeds: training seeds (crops, augmentation, initialisation).
-        directions: keys of :data:`DIRECTIONS`.
+        directions: keys of :data:`DIRECTIONS` (or :data:`WITHIN`, the within-acquisition reference).
         variants: keys of :data:`VARIANTS` (``default`` = train.json's defaults).
         iterations, batch_size, patch_size, learning_rate: the budget of every run (crops of ``patch_size``).
         eval_roi: sliding-window size on the test images (no overlap).
         downsample: block-mean factor of the prepared data.
         threads: ``torch.set_num_threads`` of every run.
         jobs: runs at a time (spawned processes; the numbers do not depend on it, the wall time does).
+        pretrain_iterations: 0: stage 1 from scratch; > 0: first stage 0 (ISL, bright field -> nuclear stain) on
+            the training acquisition for that many iterations, then stage 1 from it (the bundle's two stages).
     """
     import torch
 
@@ -124,8 +160,8 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
     directions = [directions] if isinstance(directions, str) else list(directions)
     variants = [variants] if isinstance(variants, str) else list(variants)
     for d in directions:
-        if d not in DIRECTIONS:
-            raise ValueError(f"direction {d!r}: choose from {sorted(DIRECTIONS)}")
+        if d not in DIRECTIONS and d not in WITHIN:
+            raise ValueError(f"direction {d!r}: choose from {sorted(DIRECTIONS) + sorted(WITHIN)}")
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"variant {v!r}: choose from {sorted(VARIANTS)}")
@@ -136,34 +172,38 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
     results = {"config": {"seeds": seeds, "directions": directions, "variants": variants, "iterations": iterations,
                           "batch_size": batch_size, "patch_size": patch_size, "learning_rate": learning_rate,
                           "eval_roi": eval_roi, "downsample": downsample, "threads": threads,
-                          "network": "cpu DenseNet U-Net (1.0 M), sigmoid_a 5, stage 1 from scratch"},
+                          "pretrain_iterations": int(pretrain_iterations),
+                          "network": "cpu DenseNet U-Net (1.0 M), sigmoid_a 5, stage 1 " + (
+                              "from stage 0 on the training acquisition" if pretrain_iterations else "from scratch")},
                "otsu": {}, "runs": []}
     tasks = []
     for d in directions:
-        train_acq, test_acq = DIRECTIONS[d]
-        results["otsu"][test_acq] = isl_data.otsu_iou(data[test_acq])
+        train_csv, test_csv, test_acq = manifests(data, d)
+        results["otsu"][test_acq] = isl_data.otsu_iou(test_csv)
         _log(f"Otsu on the real stain of {test_acq}: IoU {np.mean(results['otsu'][test_acq]):.3f}")
         for v in variants:
             for s in seeds:
-                tasks.append(dict(direction=d, variant=v, seed=s, train_csv=data[train_acq], test_csv=data[test_acq],
+                tasks.append(dict(direction=d, variant=v, seed=s, train_csv=train_csv, test_csv=test_csv,
                                   run_dir=os.path.join(out_dir, f"{d}_{v}_s{s}"), threads=threads,
                                   budget=dict(iterations=iterations, batch_size=batch_size, patch_size=patch_size,
-                                              learning_rate=learning_rate, eval_roi=eval_roi)))
+                                              learning_rate=learning_rate, eval_roi=eval_roi),
+                                  pretrain_iterations=int(pretrain_iterations)))
     results["runs"] = isl_data.in_parallel(_one, tasks, jobs)
     results["jobs"] = int(jobs)
     results["wall_seconds"] = round(time.time() - t_start, 1)
     table = []
     for d in directions:
-        train_acq, test_acq = DIRECTIONS[d]
+        train_csv, _, test_acq = manifests(data, d)
         for v in variants:
             rs = [r for r in results["runs"] if r["direction"] == d and r["variant"] == v]
-            table.append({"trained on": train_acq, "tested on": test_acq, "variant": v, "seeds": len(rs),
+            table.append({"trained on": os.path.basename(train_csv)[:-4], "tested on": test_acq, "variant": v, "seeds": len(rs),
                           "IoU (mean ± sd)": mean_sd([r["val_iou"] for r in rs]),
                           "Otsu on real stain": f"{np.mean(results['otsu'][test_acq]):.3f}",
                           "per test image (mean over seeds)": ", ".join(
                               f"{v:.2f}" for v in np.mean([r["per_image"] for r in rs], axis=0)),
                           "s / run": f"{np.mean([r['seconds'] for r in rs]):.0f}"})
-    md = [f"Stage 1 from scratch, {iterations} iterations x {batch_size} crops of {patch_size}^2, lr {learning_rate}, "
+    md = [(f"Stage 0 (bright field -> nuclear stain) {pretrain_iterations} iterations, then stage 1"
+           if pretrain_iterations else "Stage 1 from scratch") + f", {iterations} iterations x {batch_size} crops of {patch_size}^2, lr {learning_rate}, "
           f"{downsample}x block-mean data, {threads} thread(s) x {jobs} job(s); "
           f"wall {results['wall_seconds']:.0f} s.", "",
           markdown_table(table)]
