@@ -338,3 +338,25 @@ def test_inference_normalisation_follows_the_model_record(trained):
     shipped = os.path.join(BUNDLE, "models", "model.pt")
     assert "normalise" not in read_record(shipped)["settings"]
     assert names(shipped) == ["LoadMicroscopyd", "NormalizeIntensityd", "EnsureTyped"]
+
+
+def test_crossacq_within_reference_holds_out_its_test_field(tmp_path):
+    """experiments.isl_crossacq's within-acquisition reference trains on the acquisition's other fields only."""
+    from experiments import isl_crossacq as xa
+
+    header = ("path_signal", "path_target", "path_label")
+    data = {}
+    for acq, fields in (("fig2a", ("t00011", "t00036", "t00068", "t00101")), ("fig3a", ("p0001", "p0011", "p0013"))):
+        rows = [tuple(f"{acq}_{f}_{k}.ome.tif" for k in ("signal", "target", "mask")) for f in fields]
+        data[acq] = _write_csv(tmp_path / f"{acq}.csv", header, rows)
+        for f, row in zip(fields, rows):
+            data[f"{acq}_{f}"] = _write_csv(tmp_path / f"{acq}_{f}.csv", header, [row])
+    train, test, name = xa.manifests(data, "fig2a_within")
+    rows = list(csv.reader(open(train)))[1:]
+    assert [r[0] for r in rows] == [f"fig2a_{f}_signal.ome.tif" for f in ("t00011", "t00036", "t00068")]
+    assert test == data["fig2a_t00101"] and name == "fig2a_t00101"
+    train, test, name = xa.manifests(data, "fig3a_within")
+    assert [r[0] for r in list(csv.reader(open(train)))[1:]] == ["fig3a_p0001_signal.ome.tif", "fig3a_p0011_signal.ome.tif"]
+    assert xa.manifests(data, "fig3a_to_fig2a") == (data["fig3a"], data["fig2a"], "fig2a")
+    with pytest.raises(ValueError, match="choose from"):
+        xa.run(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path), directions=["fig2a_sideways"])
