@@ -11,7 +11,9 @@ Both directions, every seed, through the bundle's own ``configs/train.json`` (in
   initialised from stage 0) on the 3 fig3a fields, tested on the 4 fig2a frames;
 * ``fig2a_to_fig3a``: the same on the 4 fig2a frames, tested on the 3 fig3a fields;
 * ``fig2a_within`` / ``fig3a_within`` (:data:`WITHIN`, a reference, not a cross-acquisition result):
-  trained on the other fields of one acquisition, tested on its last field.
+  trained on the other fields of one acquisition, tested on its last field;
+* ``fig3a_plus_t00011_to_fig2a`` / ``fig2a_plus_p0001_to_fig3a`` (:data:`ADAPT`, not label-free): one
+  acquisition plus one labelled field of the other, tested on the other's remaining fields.
 
 The network sees only the bright field. Every run has the same budget (``pretrain_iterations`` of
 stage 0, then ``iterations`` of stage 1, ``batch_size`` crops of ``patch_size``; ``--pretrain_iterations
@@ -63,13 +65,28 @@ DIRECTIONS = {"fig3a_to_fig2a": ("fig3a", "fig2a"), "fig2a_to_fig3a": ("fig2a", 
 #: gap is the change of acquisition and how much the labels and the budget
 WITHIN = {"fig2a_within": ("fig2a", "t00101"), "fig3a_within": ("fig3a", "p0013")}
 
+#: adaptation (not label-free): one acquisition plus one labelled field of the other, tested on the other's
+#: remaining fields -- what a user can do with one annotated image of a new plate
+ADAPT = {"fig3a_plus_t00011_to_fig2a": ("fig3a", "fig2a", "t00011"),
+         "fig2a_plus_p0001_to_fig3a": ("fig2a", "fig3a", "p0001")}
+
 
 def manifests(data: dict, direction: str) -> tuple[str, str, str]:
-    """``(train manifest, test manifest, test name)`` of a direction (:data:`DIRECTIONS` or :data:`WITHIN`);
-    a within-acquisition training manifest (the acquisition's other fields) is written beside ``data``'s."""
+    """``(train manifest, test manifest, test name)`` of a direction (:data:`DIRECTIONS`, :data:`WITHIN` or
+    :data:`ADAPT`); the combined manifests of the last two are written beside ``data``'s."""
     if direction in DIRECTIONS:
         train_acq, test_acq = DIRECTIONS[direction]
         return data[train_acq], data[test_acq], test_acq
+    if direction in ADAPT:
+        train_acq, test_acq, labelled = ADAPT[direction]
+        base = os.path.dirname(data[train_acq])
+        rest = sorted(k for k in data if k.startswith(test_acq + "_") and k != f"{test_acq}_{labelled}")
+        train = os.path.join(base, f"{train_acq}_plus_{labelled}.csv")
+        test = os.path.join(base, f"{test_acq}_without_{labelled}.csv")
+        isl_data.write_manifest(train, isl_data.read_manifest_rows(data[train_acq])
+                                + isl_data.read_manifest_rows(data[f"{test_acq}_{labelled}"]))
+        isl_data.write_manifest(test, [row for k in rest for row in isl_data.read_manifest_rows(data[k])])
+        return train, test, f"{test_acq}_without_{labelled}"
     acq, held_out = WITHIN[direction]
     fields = sorted(k for k in data if k.startswith(acq + "_") and k != f"{acq}_{held_out}")
     train = os.path.join(os.path.dirname(data[acq]), f"{acq}_without_{held_out}.csv")
@@ -160,8 +177,8 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
     directions = [directions] if isinstance(directions, str) else list(directions)
     variants = [variants] if isinstance(variants, str) else list(variants)
     for d in directions:
-        if d not in DIRECTIONS and d not in WITHIN:
-            raise ValueError(f"direction {d!r}: choose from {sorted(DIRECTIONS) + sorted(WITHIN)}")
+        if d not in DIRECTIONS and d not in WITHIN and d not in ADAPT:
+            raise ValueError(f"direction {d!r}: choose from {sorted(DIRECTIONS) + sorted(WITHIN) + sorted(ADAPT)}")
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"variant {v!r}: choose from {sorted(VARIANTS)}")

@@ -341,7 +341,8 @@ def test_inference_normalisation_follows_the_model_record(trained):
 
 
 def test_crossacq_within_reference_holds_out_its_test_field(tmp_path):
-    """experiments.isl_crossacq's within-acquisition reference trains on the acquisition's other fields only."""
+    """experiments.isl_crossacq's within-acquisition reference and adaptation directions keep their test fields
+    out of training."""
     from experiments import isl_crossacq as xa
 
     header = ("path_signal", "path_target", "path_label")
@@ -358,5 +359,12 @@ def test_crossacq_within_reference_holds_out_its_test_field(tmp_path):
     train, test, name = xa.manifests(data, "fig3a_within")
     assert [r[0] for r in list(csv.reader(open(train)))[1:]] == ["fig3a_p0001_signal.ome.tif", "fig3a_p0011_signal.ome.tif"]
     assert xa.manifests(data, "fig3a_to_fig2a") == (data["fig3a"], data["fig2a"], "fig2a")
+    # adaptation: fig3a plus one labelled fig2a frame, tested on the other fig2a frames only
+    train, test, name = xa.manifests(data, "fig3a_plus_t00011_to_fig2a")
+    assert [r[0] for r in list(csv.reader(open(train)))[1:]] == [
+        f"fig3a_{f}_signal.ome.tif" for f in ("p0001", "p0011", "p0013")] + ["fig2a_t00011_signal.ome.tif"]
+    assert [r[0] for r in list(csv.reader(open(test)))[1:]] == [
+        f"fig2a_{f}_signal.ome.tif" for f in ("t00036", "t00068", "t00101")]
+    assert name == "fig2a_without_t00011"
     with pytest.raises(ValueError, match="choose from"):
         xa.run(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path), directions=["fig2a_sideways"])
