@@ -71,6 +71,11 @@ ADAPT = {"fig3a_plus_t00011_to_fig2a": ("fig3a", "fig2a", "t00011"),
          "fig2a_plus_p0001_to_fig3a": ("fig2a", "fig3a", "p0001")}
 
 
+def _fields(data: dict, acq: str) -> list[str]:
+    """The per-field manifest keys of an acquisition (``fig2a_t00011``, not the combined ``fig2a_without_...``)."""
+    return sorted(k for k in data if k.startswith(acq + "_") and "_" not in k[len(acq) + 1:])
+
+
 def manifests(data: dict, direction: str) -> tuple[str, str, str]:
     """``(train manifest, test manifest, test name)`` of a direction (:data:`DIRECTIONS`, :data:`WITHIN` or
     :data:`ADAPT`); the combined manifests of the last two are written beside ``data``'s."""
@@ -80,7 +85,7 @@ def manifests(data: dict, direction: str) -> tuple[str, str, str]:
     if direction in ADAPT:
         train_acq, test_acq, labelled = ADAPT[direction]
         base = os.path.dirname(data[train_acq])
-        rest = sorted(k for k in data if k.startswith(test_acq + "_") and k != f"{test_acq}_{labelled}")
+        rest = [k for k in _fields(data, test_acq) if k != f"{test_acq}_{labelled}"]
         train = os.path.join(base, f"{train_acq}_plus_{labelled}.csv")
         test = os.path.join(base, f"{test_acq}_without_{labelled}.csv")
         isl_data.write_manifest(train, isl_data.read_manifest_rows(data[train_acq])
@@ -88,7 +93,7 @@ def manifests(data: dict, direction: str) -> tuple[str, str, str]:
         isl_data.write_manifest(test, [row for k in rest for row in isl_data.read_manifest_rows(data[k])])
         return train, test, f"{test_acq}_without_{labelled}"
     acq, held_out = WITHIN[direction]
-    fields = sorted(k for k in data if k.startswith(acq + "_") and k != f"{acq}_{held_out}")
+    fields = [k for k in _fields(data, acq) if k != f"{acq}_{held_out}"]
     train = os.path.join(os.path.dirname(data[acq]), f"{acq}_without_{held_out}.csv")
     isl_data.write_manifest(train, [row for k in fields for row in isl_data.read_manifest_rows(data[k])])
     return train, data[f"{acq}_{held_out}"], f"{acq}_{held_out}"
