@@ -61,6 +61,35 @@ def _manifest(path: str, rows: list[tuple[str, str, str]]) -> str:
                                  for r in rows], header)
 
 
+def write_halves(data: str, downsample: int = 2, percentiles=(0.5, 99.8)):
+    """Write cells3d's two halves (left: training, right: test) with their ground truth into ``data``.
+
+    Returns a dict: ``files[name]`` the image, semantic and instance paths, ``gt[name]`` the
+    ``(semantic, instances)`` arrays, ``train_csv`` / ``test_csv`` the one-row manifests,
+    ``intensity_range`` the training half's ``percentiles`` (raw counts), and ``img``, ``parts`` (the
+    halves' slices) and ``spacing`` (um).
+    """
+    from common.fucci import prepare_ground_truth, write_ground_truth
+    from common.io import write_ome_tiff
+
+    os.makedirs(data, exist_ok=True)
+    img, lab, spacing = load_cells3d(downsample)
+    half = img.shape[2] // 2
+    parts = {"train": (slice(None), slice(None), slice(0, half)), "test": (slice(None), slice(None), slice(half, None))}
+    files, gt = {}, {}
+    for name, sl in parts.items():
+        sem, inst = prepare_ground_truth(lab[sl], min_area=5, smooth_sigma=0.0, edge_width=1)
+        ipath = write_ome_tiff(os.path.join(data, f"{name}_image.ome.tif"), img[sl], "ZYX", spacing)
+        spath, lpath = write_ground_truth(data, name, sem, inst, spacing)
+        files[name] = (ipath, spath, lpath)
+        gt[name] = (sem.astype(np.int64), inst.astype(np.int64))
+        print(f"    {name}: {img[sl].shape} voxels, {len(np.unique(inst)) - 1} nuclei (some cut by the midline)")
+    csvs = [_manifest(os.path.join(data, f"{name}.csv"), [files[name]]) for name in ("train", "test")]
+    intensity_range = [float(v) for v in np.percentile(img[parts["train"]], [float(p) for p in percentiles])]
+    return {"files": files, "gt": gt, "train_csv": csvs[0], "test_csv": csvs[1], "intensity_range": intensity_range,
+            "img": img, "parts": parts, "spacing": spacing}
+
+
 def _mean_sd(values) -> str:
     return mean_sd(x for x in values if x is not None)
 
@@ -161,8 +190,8 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
     """
     import torch
 
-    from common.fucci import prepare_ground_truth, segmentation_report, write_ground_truth
-    from common.io import read_image, write_ome_tiff
+    from common.fucci import segmentation_report
+    from common.io import read_image
     from common.report import markdown_table, save_mip_figure, write_json
     from scripts.fucci_prepare_gt import preview as preprocessing_preview
 
@@ -183,21 +212,11 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
     logging_file = os.path.join(BUNDLE, "configs", "logging.conf")
 
     print(f"[1/5] cells3d nuclei, downsampled {downsample}x; ground truth (edge = dilation minus mask)")
-    img, lab, spacing = load_cells3d(downsample)
-    half = img.shape[2] // 2
-    parts = {"train": (slice(None), slice(None), slice(0, half)), "test": (slice(None), slice(None), slice(half, None))}
-    files, gt = {}, {}
-    for name, sl in parts.items():
-        sem, inst = prepare_ground_truth(lab[sl], min_area=5, smooth_sigma=0.0, edge_width=1)
-        ipath = write_ome_tiff(os.path.join(data, f"{name}_image.ome.tif"), img[sl], "ZYX", spacing)
-        spath, lpath = write_ground_truth(data, name, sem, inst, spacing)
-        files[name] = (ipath, spath, lpath)
-        gt[name] = (sem.astype(np.int64), inst.astype(np.int64))
-        print(f"    {name}: {img[sl].shape} voxels, {len(np.unique(inst)) - 1} nuclei (some cut by the midline)")
-    train_csv = _manifest(os.path.join(data, "train.csv"), [files["train"]])
+    halves = write_halves(data, downsample, percentiles)
+    files, gt, train_csv, img, parts, spacing = (halves[k] for k in ("files", "gt", "train_csv", "img", "parts", "spacing"))
     intensity_range = None
     if normalisation == "fixed":
-        intensity_range = [float(v) for v in np.percentile(img[parts["train"]], percentiles)]
+        intensity_range = halves["intensity_range"]
         print(f"    fixed intensity range {intensity_range} (training half, percentiles {percentiles})")
 
     def predict(models, name, pdir, method, edge_um, h_um):
