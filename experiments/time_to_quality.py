@@ -382,6 +382,26 @@ def summarise(results: dict, arms: list[str], seeds: list[int], target: float, m
                 summary[arm]["speedup_vs_" + ref] = ratio
                 lines.append(f"- {arm}: {mean_sd(ratio, '.2f')}x faster to the target than {ref} (per seed "
                              + ", ".join(f"{r:.2f}" for r in ratio) + ")")
+    else:  # the reference missed the target in some seed: its time there is at least its last recorded time
+        lines.append("")
+        for arm in arms[:-1]:
+            if summary[arm]["reached"] != len(seeds):
+                continue
+            bound, exact = [], []
+            for s in seeds:
+                mine = first_at(results[(arm, s)]["history"], target)["seconds"]
+                h = results[(ref, s)]["history"]
+                hit = first_at(h, target)
+                end = max((x["seconds"] for x in h if x["seconds"] is not None), default=None)
+                if hit is None and end is None:
+                    break
+                bound.append((hit["seconds"] if hit is not None else end) / mine)
+                exact.append(hit is not None)
+            else:
+                summary[arm]["speedup_at_least_vs_" + ref] = bound
+                lines.append(f"- {arm}: at least {mean_sd(bound, '.2f')}x faster to the target than {ref} (per seed "
+                             + ", ".join(f"{'' if e else '>= '}{r:.2f}" for r, e in zip(bound, exact))
+                             + f"; '>=': {ref} had not reached it when its budget ended)")
     return "\n".join(lines), summary
 
 

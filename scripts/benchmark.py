@@ -22,7 +22,8 @@ inference runs in a fresh child process per measurement, so that its peak RSS (`
 its own. In-process rows give the peak RSS sampled during that call. The load average is printed
 with the table: on a shared machine re-run it idle before quoting absolute numbers.
 
-Sections (``--only``): fnet_train, fnet_infer, scaling, densenet2d, unet3d, loader, ddp.
+Sections (``--only``): fnet_train, fnet_infer, scaling, densenet2d, unet3d, loader, ddp, peer, and ttq (time to
+a good model, :mod:`experiments.time_to_quality`; opt-in: about 15 min per seed on 2 cores).
 Networks whose module does not exist yet are skipped with a printed reason.
 """
 
@@ -44,7 +45,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # children get it as PYTHONPATH
 
-SECTIONS = ("fnet_train", "fnet_infer", "scaling", "densenet2d", "unet3d", "loader", "ddp", "peer")
+SECTIONS = ("fnet_train", "fnet_infer", "scaling", "densenet2d", "unet3d", "loader", "ddp", "peer", "ttq")
+#: sections left out of the default run (name them in ``--only``): their time does not fit in 10 minutes
+OPT_IN = {"ttq": "time to a good model: about 15 min per seed on 2 cores (python -m experiments.time_to_quality)"}
 
 # ------------------------------------------------------------------------------------- profiles
 
@@ -874,12 +877,51 @@ def section_peer(p: dict, device, threads, rows: list, warmup: int, peers: dict)
         _log("    " + format_table(rows[-1:]).splitlines()[-1])
 
 
+def section_ttq(rows: list, tmp: str, peers: dict, seeds: int = 1) -> None:
+    """Time to a good model (issue 19, item 3): :mod:`experiments.time_to_quality` in a child process, F-net
+    to validation Pearson r 0.80 (ours, ours bf16, pytorch_fnet when ``peers`` has it) and unet3d_fucci to
+    nucleus F1 0.85 on cells3d (ours, ours bf16, eager fp32); one row per arm, x = the reference arm's time
+    to the target / this arm's (mean over seeds where both reached it)."""
+    for kind, ref in (("fnet", "pytorch_fnet"), ("fucci", "eager fp32")):
+        out = os.path.join(tmp, f"ttq_{kind}")
+        cmd = [sys.executable, "-m", "experiments.time_to_quality", kind, "--seeds", str(int(seeds)), "--out_dir", out]
+        if kind == "fnet" and peers.get("pytorch_fnet"):
+            cmd += ["--peer", peers["pytorch_fnet"]]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        _log("  " + " ".join(cmd[1:]))
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        if p.returncode != 0:
+            raise RuntimeError(f"time_to_quality {kind} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+        with open(os.path.join(out, "summary.json")) as f:
+            res = json.load(f)
+        setup, summary = res["setup"], res["summary"]
+        size = (f"F-net d{setup['depth']}x{setup['mult_chan']}, b{setup['batch']} x {_shape_str(setup['patch'])}"
+                if kind == "fnet" else f"U-Net {'/'.join(map(str, setup['features']))}, b{setup['batch']} x "
+                                       f"{_shape_str(setup['patch'])}")
+        goal = "val r >= 0.80" if kind == "fnet" else "nucleus F1 >= 0.85"
+        ref_t = summary.get(ref, {}).get("time_to_target_s") or []
+        for arm, v in summary.items():
+            t = v["time_to_target_s"]
+            mean_t = float(np.mean(t)) if t else None
+            ratio = float(np.mean(v[f"speedup_vs_{ref}"])) if f"speedup_vs_{ref}" in v else (
+                1.0 if arm == ref and t and len(t) == len(ref_t) else None)
+            bound = v.get(f"speedup_at_least_vs_{ref}")
+            if bound:  # the reference missed the target in some seed: a lower bound
+                ratio = float(np.mean(bound))
+            note = (f"{goal} in {v['reached']}/{v['seeds']} seeds, after {np.mean(v['iterations_to_target']):.0f} "
+                    f"iterations" if t else f"{goal} not reached in {v['seeds']} seeds") + \
+                f"; best {np.mean(v['best']):.3f}; x = {ref}/this" + (
+                    f" (at least: {ref} missed the target in some seed)" if bound else "")
+            rows.append(_row(f"ttq {kind}", arm, size, mean_t, None, ratio, None, note))
+            _log("    " + format_table(rows[-1:]).splitlines()[-1])
+
+
 # ------------------------------------------------------------------------------------- commands
 
 def run(profile: str = "auto", only: str | None = None, skip: str | None = None, threads: int | None = None,
         warmup: int = 1, device: str = "auto", out: str | None = None, compile_infer: bool | None = None,
         compile_train: bool = False, ablation: bool = False, sw_repeats: int = 1, sizes: str | None = None,
-        peer: str | None = None) -> None:
+        peer: str | None = None, ttq_seeds: int = 1) -> None:
     """Run the benchmark and print the table (``--out``: also write it as JSON).
 
     Args:
@@ -902,6 +944,7 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
             (ZYX, comma-separated).
         peer: ``pytorch_fnet=<path of a checkout>``: the peer section runs pytorch_fnet's own training
             step and ``predict_piecewise`` next to ours (skipped, with the reason in the table, without it).
+        ttq_seeds: seeds of the opt-in ``ttq`` section (time to a good model, :mod:`experiments.time_to_quality`).
     """
     import torch
 
@@ -917,7 +960,7 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
         p["scaling"] = tuple(tuple(int(v) for v in str(sz).lower().split("x")) for sz in _parse_list(sizes))
         if any(len(sz) != 3 for sz in p["scaling"]):
             raise ValueError(f"sizes must be ZxYxX volumes, e.g. 64x1024x1024; got {sizes!r}")
-    sections = _parse_list(only) or list(SECTIONS)
+    sections = _parse_list(only) or [s for s in SECTIONS if s not in OPT_IN]
     bad = [s for s in sections + _parse_list(skip) if s not in SECTIONS]
     if bad:
         raise ValueError(f"unknown section(s) {bad}; sections are {', '.join(SECTIONS)}")
@@ -963,7 +1006,12 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
                 section_ddp(p, threads, rows)
             elif sec == "peer":
                 section_peer(p, dev, threads, rows, warmup, peers)
+            elif sec == "ttq":
+                section_ttq(rows, tmp, peers, ttq_seeds)
             _log(f"  [{sec}] took {time.perf_counter() - ts:.0f} s")
+    for sec, why in OPT_IN.items():
+        if not _parse_list(only) and sec not in _parse_list(skip):  # the default run says what it left out
+            rows.append(_row(sec, "", "", None, note=f"not run: opt-in (--only {sec}); {why}"))
     env["loadavg_end"] = _loadavg()
     env["total_s"] = time.perf_counter() - t0
     if dev.type == "cuda" and env.get("gpu_peak_tflops"):

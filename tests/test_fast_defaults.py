@@ -312,5 +312,7 @@ def test_benchmark_peer_option_parses_and_skips_with_a_reason_without_a_checkout
     assert len(rows) == 1 and rows[0]["note"].startswith("skipped: no checkout given")
     with pytest.raises(FileNotFoundError):
         benchmark.peer_import(str(tmp_path))  # not a pytorch_fnet checkout
+    # time to a good model is a section of its own, left out of the default run (it takes far over 10 min)
+    assert "ttq" in benchmark.SECTIONS and set(benchmark.OPT_IN) == {"ttq"}
     d = benchmark._bundle_infer_defaults("fnet_baseline")  # what "ours (defaults)" runs
     assert d["fast"] is True and len(d["roi"]) == 3

@@ -31,6 +31,13 @@ def test_first_at_and_summary_by_hand():
     results[("a", 1)]["history"][0]["value"] = 0.7
     _, s = ttq.summarise(results, ["a", "ref"], [0, 1], 0.8, "r")
     assert s["a"]["reached"] == 1 and "speedup_vs_ref" not in s["a"]
+    # a reference that misses the target gives a lower bound: its last time over the arm's time to the target
+    results[("a", 1)]["history"][0]["value"] = 0.85
+    results[("ref", 1)]["history"] = [{"iteration": 50, "seconds": 30.0, "value": 0.6},
+                                      {"iteration": 100, "seconds": 60.0, "value": 0.7}]
+    table, s = ttq.summarise(results, ["a", "ref"], [0, 1], 0.8, "r")
+    assert "speedup_vs_ref" not in s["a"] and s["a"]["speedup_at_least_vs_ref"] == [pytest.approx(2.0), pytest.approx(5.0)]
+    assert "at least 3.50 ± 2.12x faster to the target than ref (per seed 2.00, >= 5.00;" in table
 
 
 def test_peer_options_match_the_shared_setup_and_its_log_is_parsed(tmp_path):
