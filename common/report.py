@@ -239,6 +239,18 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     return "\n".join(lines) + "\n"
 
 
+def git_commit(path: str) -> str:
+    """The commit checked out at ``path`` (``git rev-parse HEAD``), for a report's provenance; a sentence saying
+    so when ``path`` is not a git checkout or git is missing."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
 def write_json(path: str, obj) -> str:
     """Write JSON atomically (numpy scalars converted)."""
 

@@ -256,11 +256,9 @@ def run_peer_arm(peer: str, save_dir: str, csv: str, val: tuple[str, str], seed:
 
 
 def peer_commit(path: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+    from common.report import git_commit
+
+    return git_commit(path)
 
 
 # ------------------------------------------------------------------------------------------ drivers
@@ -299,6 +297,15 @@ def fnet_overrides(data: dict, work: str, seed: int, max_iterations: int, every:
             "val_interval": 1, "num_workers": 0, "seed": int(seed), "resume": False, "bf16_cpu": bool(bf16),
             "target_spacing_um": list(cfg["spacing"]), "train_manifest": data["train"], "val_manifest": data["val"],
             "ckpt_dir": os.path.join(work, "models"), "output_dir": os.path.join(work, "runs")}
+
+
+def _arm_dirs(out_dir: str, seeds: list[int], arms: list[str]) -> list[tuple[int, str, str]]:
+    """``(seed, arm, work folder)`` for every run, folders (and ``out_dir/done``) created."""
+    os.makedirs(os.path.join(out_dir, "done"), exist_ok=True)
+    out = [(s, arm, os.path.join(out_dir, f"{arm.replace(' ', '_')}_seed{s}")) for s in seeds for arm in arms]
+    for *_, work in out:
+        os.makedirs(work, exist_ok=True)
+    return out
 
 
 def _run_task(task: tuple) -> tuple:
@@ -441,25 +448,20 @@ def fnet(out_dir: str = "ttq_fnet", peer: str | None = None, seeds=3, jobs: int 
             raise FileNotFoundError(f"--peer {peer} is not a pytorch_fnet checkout (no fnet/fnet_model.py)")
     t0 = time.time()
     data = write_fnet_data(os.path.join(out_dir, "data"))
-    done = os.path.join(out_dir, "done")
-    os.makedirs(done, exist_ok=True)
     tasks = []
-    for s in seeds:
-        for arm in want:
-            work = os.path.join(out_dir, f"{arm.replace(' ', '_')}_seed{s}")
-            os.makedirs(work, exist_ok=True)
-            if arm == "pytorch_fnet":
-                tasks.append(("peer", (arm, s), dict(peer=peer, save_dir=work, csv=data["peer_csv"], val=data["val_files"],
-                                                     seed=s, max_iterations=peer_max_iterations or max_iterations,
-                                                     every=every, log=os.path.join(work, "log.txt"), cfg=cfg,
-                                                     target=cfg["target"])))
-            else:
-                tasks.append(("ours", (arm, s), dict(bundle="fnet_baseline", overrides=fnet_overrides(
-                    data, work, s, max_iterations, every, bf16=arm.endswith("bf16"), cfg=cfg), metric="val_pearson",
-                    target=cfg["target"], out=os.path.join(work, "ttq.json"), log=os.path.join(work, "log.txt"))))
+    for s, arm, work in _arm_dirs(out_dir, seeds, want):
+        if arm == "pytorch_fnet":
+            tasks.append(("peer", (arm, s), dict(peer=peer, save_dir=work, csv=data["peer_csv"], val=data["val_files"],
+                                                 seed=s, max_iterations=peer_max_iterations or max_iterations,
+                                                 every=every, log=os.path.join(work, "log.txt"), cfg=cfg,
+                                                 target=cfg["target"])))
+        else:
+            tasks.append(("ours", (arm, s), dict(bundle="fnet_baseline", overrides=fnet_overrides(
+                data, work, s, max_iterations, every, bf16=arm.endswith("bf16"), cfg=cfg), metric="val_pearson",
+                target=cfg["target"], out=os.path.join(work, "ttq.json"), log=os.path.join(work, "log.txt"))))
     _log(f"F-net depth {cfg['depth']} x {cfg['mult_chan']} channels, patches {cfg['patch']}, batch {cfg['batch']}, "
          f"Adam {cfg['lr']}; arms {want}; seeds {seeds}; {jobs} at once")
-    results = _run_all(tasks, jobs, done)
+    results = _run_all(tasks, jobs, os.path.join(out_dir, "done"))
     table, summary = summarise(results, want, seeds, cfg["target"], "val Pearson r")
     setup = dict(cfg, seeds=seeds, jobs=jobs, max_iterations=max_iterations, every=every,
                  peer_commit=peer_commit(peer) if peer else None, peer_shims=list(PEER_CLI_SHIMS),
@@ -481,26 +483,21 @@ def fucci(out_dir: str = "ttq_fucci", seeds=3, jobs: int = 2, max_iterations: in
     t0 = time.time()
     halves = write_halves(os.path.join(out_dir, "data"), FUCCI["downsample"])
     train_csv, test_csv, intensity_range = halves["train_csv"], halves["test_csv"], halves["intensity_range"]
-    done = os.path.join(out_dir, "done")
-    os.makedirs(done, exist_ok=True)
     tasks = []
-    for s in seeds:
-        for arm in want:
-            work = os.path.join(out_dir, f"{arm.replace(' ', '_')}_seed{s}")
-            os.makedirs(work, exist_ok=True)
-            ov = {"train_manifest": train_csv, "val_manifest": test_csv, "ckpt_dir": os.path.join(work, "models"),
-                  "output_dir": os.path.join(work, "runs"), "batch_size": FUCCI["batch"],
-                  "learning_rate": FUCCI["lr"], "num_epochs": max(1, int(max_iterations) // int(every)),
-                  "epoch_length": int(every), "val_interval": 1, "num_workers": 0, "resume": False, "seed": s,
-                  "network_def#features": list(FUCCI["features"]), "patch_size": list(FUCCI["patch"]),
-                  "intensity_range": intensity_range, "channels_last": arm != "eager fp32",
-                  "bf16_cpu": arm.endswith("bf16")}
-            tasks.append(("ours", (arm, s), dict(bundle="unet3d_fucci", overrides=ov, metric="val_nucleus_f1",
-                                                 target=FUCCI["target"], out=os.path.join(work, "ttq.json"),
-                                                 log=os.path.join(work, "log.txt"))))
+    for s, arm, work in _arm_dirs(out_dir, seeds, want):
+        ov = {"train_manifest": train_csv, "val_manifest": test_csv, "ckpt_dir": os.path.join(work, "models"),
+              "output_dir": os.path.join(work, "runs"), "batch_size": FUCCI["batch"],
+              "learning_rate": FUCCI["lr"], "num_epochs": max(1, int(max_iterations) // int(every)),
+              "epoch_length": int(every), "val_interval": 1, "num_workers": 0, "resume": False, "seed": s,
+              "network_def#features": list(FUCCI["features"]), "patch_size": list(FUCCI["patch"]),
+              "intensity_range": intensity_range, "channels_last": arm != "eager fp32",
+              "bf16_cpu": arm.endswith("bf16")}
+        tasks.append(("ours", (arm, s), dict(bundle="unet3d_fucci", overrides=ov, metric="val_nucleus_f1",
+                                             target=FUCCI["target"], out=os.path.join(work, "ttq.json"),
+                                             log=os.path.join(work, "log.txt"))))
     _log(f"unet3d_fucci features {FUCCI['features']}, patches {FUCCI['patch']}, batch {FUCCI['batch']}; arms {want}; "
          f"seeds {seeds}; {jobs} at once")
-    results = _run_all(tasks, jobs, done)
+    results = _run_all(tasks, jobs, os.path.join(out_dir, "done"))
     table, summary = summarise(results, want, seeds, FUCCI["target"], "nucleus F1")
     setup = dict(FUCCI, seeds=seeds, jobs=jobs, max_iterations=max_iterations, every=every,
                  wall_seconds=round(time.time() - t0, 1))

@@ -23,7 +23,7 @@ its own. In-process rows give the peak RSS sampled during that call. The load av
 with the table: on a shared machine re-run it idle before quoting absolute numbers.
 
 Sections (``--only``): fnet_train, fnet_infer, scaling, densenet2d, unet3d, loader, ddp, peer, and ttq (time to
-a good model, :mod:`experiments.time_to_quality`; opt-in: about 15 min per seed on 2 cores).
+a good model, :mod:`experiments.time_to_quality`; opt-in: 30 to 40 min per seed on 2 cores).
 Networks whose module does not exist yet are skipped with a printed reason.
 """
 
@@ -47,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # children g
 
 SECTIONS = ("fnet_train", "fnet_infer", "scaling", "densenet2d", "unet3d", "loader", "ddp", "peer", "ttq")
 #: sections left out of the default run (name them in ``--only``): their time does not fit in 10 minutes
-OPT_IN = {"ttq": "time to a good model: about 15 min per seed on 2 cores (python -m experiments.time_to_quality)"}
+OPT_IN = {"ttq": "time to a good model: 30 to 40 min per seed on 2 cores (python -m experiments.time_to_quality)"}
 
 # ------------------------------------------------------------------------------------- profiles
 
@@ -787,11 +787,9 @@ def peer_model(path: str, net_kwargs: dict, seed: int = 0):
 
 
 def _peer_commit(path: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+    from common.report import git_commit
+
+    return git_commit(path)
 
 
 def _bundle_infer_defaults(bundle: str = "fnet_baseline") -> dict:

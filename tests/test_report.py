@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.report import _nice_length, save_bar_plot, save_mip_figure
+from common.report import _nice_length, git_commit, save_bar_plot, save_mip_figure
 
 
 def test_nice_scale_bar_lengths():
@@ -45,3 +45,17 @@ def test_bar_plot_shows_n(tmp_path):
         plt.Axes.annotate = orig
     assert texts == ["n=1", "n=3", "n=1"]
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_git_commit_names_a_checkout_and_says_when_there_is_none(tmp_path):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path / "r")], check=True)
+    assert git_commit(str(tmp_path / "r")).startswith("unknown")  # no commit yet
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": "/usr/bin:/bin"}
+    subprocess.run(["git", "-C", str(tmp_path / "r"), "commit", "-q", "--allow-empty", "-m", "x"], check=True, env=env)
+    sha = subprocess.run(["git", "-C", str(tmp_path / "r"), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert git_commit(str(tmp_path / "r")) == sha and len(sha) == 40
+    assert git_commit(str(tmp_path / "missing")) == "unknown (not a git checkout)"
