@@ -255,12 +255,6 @@ def run_peer_arm(peer: str, save_dir: str, csv: str, val: tuple[str, str], seed:
     return {"history": history, "stopped_at_target": stopped}
 
 
-def peer_commit(path: str) -> str:
-    from common.report import git_commit
-
-    return git_commit(path)
-
-
 # ------------------------------------------------------------------------------------------ drivers
 
 def write_fnet_data(out_dir: str, seed: int = 4000) -> dict:
@@ -428,6 +422,8 @@ def fnet(out_dir: str = "ttq_fnet", peer: str | None = None, seeds=3, jobs: int 
         arms: comma-separated subset.
         mult_chan, patch, batch: change :data:`FNET`'s network width, patch and batch for every arm.
     """
+    from common.report import git_commit
+
     cfg = dict(FNET)
     for k, v in (("mult_chan", mult_chan), ("batch", batch)):
         if v is not None:
@@ -464,7 +460,7 @@ def fnet(out_dir: str = "ttq_fnet", peer: str | None = None, seeds=3, jobs: int 
     results = _run_all(tasks, jobs, os.path.join(out_dir, "done"))
     table, summary = summarise(results, want, seeds, cfg["target"], "val Pearson r")
     setup = dict(cfg, seeds=seeds, jobs=jobs, max_iterations=max_iterations, every=every,
-                 peer_commit=peer_commit(peer) if peer else None, peer_shims=list(PEER_CLI_SHIMS),
+                 peer_commit=git_commit(peer) if peer else None, peer_shims=list(PEER_CLI_SHIMS),
                  wall_seconds=round(time.time() - t0, 1))
     _write_summary(out_dir, "F-net to validation Pearson r 0.80 (phantoms)", table, summary, results, setup)
     return summary

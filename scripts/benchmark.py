@@ -786,11 +786,6 @@ def peer_model(path: str, net_kwargs: dict, seed: int = 0):
                      nn_kwargs={"depth": int(net_kwargs.get("depth", 4)), "mult_chan": int(net_kwargs["mult_chan"])})
 
 
-def _peer_commit(path: str) -> str:
-    from common.report import git_commit
-
-    return git_commit(path)
-
 
 def _bundle_infer_defaults(bundle: str = "fnet_baseline") -> dict:
     """The sliding-window settings of a bundle's inference.json, as a user running it gets them."""
@@ -826,8 +821,10 @@ def section_peer(p: dict, device, threads, rows: list, warmup: int, peers: dict)
         return
     if device.type != "cpu":
         _log("  peer: run on CPU only (pytorch_fnet's predict goes through numpy)")
+    from common.report import git_commit
+
     path = peers["pytorch_fnet"]
-    commit = _peer_commit(path)
+    commit = git_commit(path)
     _log(f"  peer pytorch_fnet at {path}, commit {commit}; shims: " + "; ".join(PEER_SHIMS))
     b = p["train_batches"][0]
     g = torch.Generator().manual_seed(7)
@@ -875,12 +872,41 @@ def section_peer(p: dict, device, threads, rows: list, warmup: int, peers: dict)
         _log("    " + format_table(rows[-1:]).splitlines()[-1])
 
 
+#: the reference arm of each time-to-quality experiment: x = its time to the target / the arm's
+TTQ_REF = {"fnet": "pytorch_fnet", "fucci": "eager fp32"}
+
+
+def ttq_rows(kind: str, res: dict) -> list[dict]:
+    """Benchmark rows from an :mod:`experiments.time_to_quality` ``summary.json`` (``res``): one per arm,
+    time = mean time to the target over the seeds that reached it, x = :data:`TTQ_REF`'s time / this arm's
+    (mean of the per-seed ratios; a lower bound, said in the note, when the reference missed the target)."""
+    ref = TTQ_REF[kind]
+    setup, summary = res["setup"], res["summary"]
+    size = (f"F-net d{setup['depth']}x{setup['mult_chan']}, b{setup['batch']} x {_shape_str(setup['patch'])}"
+            if kind == "fnet" else
+            f"U-Net {'/'.join(map(str, setup['features']))}, b{setup['batch']} x {_shape_str(setup['patch'])}")
+    goal = "val r >= 0.80" if kind == "fnet" else "nucleus F1 >= 0.85"
+    rows = []
+    for arm, v in summary.items():
+        t = v["time_to_target_s"]
+        exact, bound = v.get(f"speedup_vs_{ref}"), v.get(f"speedup_at_least_vs_{ref}")
+        if exact or bound:
+            ratio = float(np.mean(exact or bound))
+        else:  # the reference's own row: 1 when it reached the target in every seed
+            ratio = 1.0 if arm == ref and v["reached"] == v["seeds"] else None
+        note = (f"{goal} in {v['reached']}/{v['seeds']} seeds, after {np.mean(v['iterations_to_target']):.0f} "
+                f"iterations" if t else f"{goal} not reached in {v['seeds']} seeds") + \
+            f"; best {np.mean(v['best']):.3f}; x = {ref}/this" + (
+                f" (at least: {ref} missed the target in some seed)" if bound else "")
+        rows.append(_row(f"ttq {kind}", arm, size, float(np.mean(t)) if t else None, None, ratio, None, note))
+    return rows
+
+
 def section_ttq(rows: list, tmp: str, peers: dict, seeds: int = 1) -> None:
     """Time to a good model (issue 19, item 3): :mod:`experiments.time_to_quality` in a child process, F-net
     to validation Pearson r 0.80 (ours, ours bf16, pytorch_fnet when ``peers`` has it) and unet3d_fucci to
-    nucleus F1 0.85 on cells3d (ours, ours bf16, eager fp32); one row per arm, x = the reference arm's time
-    to the target / this arm's (mean over seeds where both reached it)."""
-    for kind, ref in (("fnet", "pytorch_fnet"), ("fucci", "eager fp32")):
+    nucleus F1 0.85 on cells3d (ours, ours bf16, eager fp32); rows from :func:`ttq_rows`."""
+    for kind in TTQ_REF:
         out = os.path.join(tmp, f"ttq_{kind}")
         cmd = [sys.executable, "-m", "experiments.time_to_quality", kind, "--seeds", str(int(seeds)), "--out_dir", out]
         if kind == "fnet" and peers.get("pytorch_fnet"):
@@ -891,30 +917,26 @@ def section_ttq(rows: list, tmp: str, peers: dict, seeds: int = 1) -> None:
         if p.returncode != 0:
             raise RuntimeError(f"time_to_quality {kind} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
         with open(os.path.join(out, "summary.json")) as f:
-            res = json.load(f)
-        setup, summary = res["setup"], res["summary"]
-        size = (f"F-net d{setup['depth']}x{setup['mult_chan']}, b{setup['batch']} x {_shape_str(setup['patch'])}"
-                if kind == "fnet" else f"U-Net {'/'.join(map(str, setup['features']))}, b{setup['batch']} x "
-                                       f"{_shape_str(setup['patch'])}")
-        goal = "val r >= 0.80" if kind == "fnet" else "nucleus F1 >= 0.85"
-        ref_t = summary.get(ref, {}).get("time_to_target_s") or []
-        for arm, v in summary.items():
-            t = v["time_to_target_s"]
-            mean_t = float(np.mean(t)) if t else None
-            ratio = float(np.mean(v[f"speedup_vs_{ref}"])) if f"speedup_vs_{ref}" in v else (
-                1.0 if arm == ref and t and len(t) == len(ref_t) else None)
-            bound = v.get(f"speedup_at_least_vs_{ref}")
-            if bound:  # the reference missed the target in some seed: a lower bound
-                ratio = float(np.mean(bound))
-            note = (f"{goal} in {v['reached']}/{v['seeds']} seeds, after {np.mean(v['iterations_to_target']):.0f} "
-                    f"iterations" if t else f"{goal} not reached in {v['seeds']} seeds") + \
-                f"; best {np.mean(v['best']):.3f}; x = {ref}/this" + (
-                    f" (at least: {ref} missed the target in some seed)" if bound else "")
-            rows.append(_row(f"ttq {kind}", arm, size, mean_t, None, ratio, None, note))
-            _log("    " + format_table(rows[-1:]).splitlines()[-1])
+            new_rows = ttq_rows(kind, json.load(f))
+        rows.extend(new_rows)
+        for r in new_rows:
+            _log("    " + format_table([r]).splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------- commands
+
+def plan_sections(only: str | None = None, skip: str | None = None) -> tuple[list[str], list[str]]:
+    """``(sections to run, opt-in sections left out)``: ``only`` (comma-separated) or every section but the
+    :data:`OPT_IN` ones, less ``skip``; the opt-in ones are listed as left out only in a run without ``only``.
+    Raises ``ValueError`` for a name that is not in :data:`SECTIONS`."""
+    only_l, skip_l = _parse_list(only), _parse_list(skip)
+    bad = [s for s in only_l + skip_l if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {bad}; sections are {', '.join(SECTIONS)}")
+    run_l = [s for s in (only_l or [s for s in SECTIONS if s not in OPT_IN]) if s not in skip_l]
+    left_out = [] if only_l else [s for s in OPT_IN if s not in skip_l]
+    return run_l, left_out
+
 
 def run(profile: str = "auto", only: str | None = None, skip: str | None = None, threads: int | None = None,
         warmup: int = 1, device: str = "auto", out: str | None = None, compile_infer: bool | None = None,
@@ -958,20 +980,17 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
         p["scaling"] = tuple(tuple(int(v) for v in str(sz).lower().split("x")) for sz in _parse_list(sizes))
         if any(len(sz) != 3 for sz in p["scaling"]):
             raise ValueError(f"sizes must be ZxYxX volumes, e.g. 64x1024x1024; got {sizes!r}")
-    sections = _parse_list(only) or [s for s in SECTIONS if s not in OPT_IN]
-    bad = [s for s in sections + _parse_list(skip) if s not in SECTIONS]
-    if bad:
-        raise ValueError(f"unknown section(s) {bad}; sections are {', '.join(SECTIONS)}")
-    sections = [s for s in sections if s not in _parse_list(skip)]
+    sections, left_out = plan_sections(only, skip)  # an unknown name fails before any work
     _set_threads(threads)
     dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
                        ("cpu" if device == "auto" else device))
     compile_infer = p["compile_infer"] if compile_infer is None else bool(compile_infer)
     from common.fastpath import native_bf16_cpu
+    from common.report import git_commit
 
     peers = _parse_peer(peer)  # a bad --peer fails before any work
     env = {"profile": profile, "device": str(dev), "cpu": _cpu_name(), "cpu_flags": _cpu_flags(),
-           "native_bf16_cpu": native_bf16_cpu(), "peers": {k: [v, _peer_commit(v)] for k, v in peers.items()},
+           "native_bf16_cpu": native_bf16_cpu(), "peers": {k: [v, git_commit(v)] for k, v in peers.items()},
            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "loadavg_start": _loadavg(), "command": " ".join(["python", "scripts/benchmark.py"] + sys.argv[1:])}
     if dev.type == "cuda":
@@ -1007,9 +1026,8 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
             elif sec == "ttq":
                 section_ttq(rows, tmp, peers, ttq_seeds)
             _log(f"  [{sec}] took {time.perf_counter() - ts:.0f} s")
-    for sec, why in OPT_IN.items():
-        if not _parse_list(only) and sec not in _parse_list(skip):  # the default run says what it left out
-            rows.append(_row(sec, "", "", None, note=f"not run: opt-in (--only {sec}); {why}"))
+    for sec in left_out:  # the default run says what it left out
+        rows.append(_row(sec, "", "", None, note=f"not run: opt-in (--only {sec}); {OPT_IN[sec]}"))
     env["loadavg_end"] = _loadavg()
     env["total_s"] = time.perf_counter() - t0
     if dev.type == "cuda" and env.get("gpu_peak_tflops"):

@@ -312,7 +312,44 @@ def test_benchmark_peer_option_parses_and_skips_with_a_reason_without_a_checkout
     assert len(rows) == 1 and rows[0]["note"].startswith("skipped: no checkout given")
     with pytest.raises(FileNotFoundError):
         benchmark.peer_import(str(tmp_path))  # not a pytorch_fnet checkout
-    # time to a good model is a section of its own, left out of the default run (it takes far over 10 min)
-    assert "ttq" in benchmark.SECTIONS and set(benchmark.OPT_IN) == {"ttq"}
     d = benchmark._bundle_infer_defaults("fnet_baseline")  # what "ours (defaults)" runs
     assert d["fast"] is True and len(d["roi"]) == 3
+
+
+def test_benchmark_default_run_leaves_the_opt_in_sections_out_and_says_so():
+    from scripts import benchmark
+
+    run, left = benchmark.plan_sections(None, None)
+    assert "ttq" not in run and left == ["ttq"] and run == [s for s in benchmark.SECTIONS if s != "ttq"]
+    assert benchmark.plan_sections("ttq,peer", None) == (["ttq", "peer"], [])  # named: run, nothing left out
+    assert benchmark.plan_sections(None, "ttq,ddp") == ([s for s in run if s != "ddp"], [])
+    with pytest.raises(ValueError, match="unknown section"):
+        benchmark.plan_sections("fnet_train,tqq", None)
+
+
+def test_benchmark_ttq_rows_by_hand():
+    """Rows from a time_to_quality summary: mean time over the seeds that reached the target, x = the
+    reference's time / the arm's (mean of the per-seed ratios), a lower bound said in the note."""
+    from scripts import benchmark
+
+    setup = {"depth": 4, "mult_chan": 16, "batch": 4, "patch": [32, 64, 64]}
+    arm = {"time_to_target_s": [100.0, 300.0], "iterations_to_target": [50, 150], "best": [0.81, 0.83],
+           "reached": 2, "seeds": 2, "speedup_vs_pytorch_fnet": [3.0, 1.0]}
+    peer = {"time_to_target_s": [300.0, 300.0], "iterations_to_target": [100, 100], "best": [0.8, 0.8],
+            "reached": 2, "seeds": 2}
+    missed = {"time_to_target_s": [], "iterations_to_target": [], "best": [0.7, 0.75], "reached": 0, "seeds": 2}
+    rows = benchmark.ttq_rows("fnet", {"setup": setup, "summary": {"ours": arm, "x": missed, "pytorch_fnet": peer}})
+    ours, x, ref = rows
+    assert ours["time_s"] == 200.0 and ours["ratio_vs_ref"] == pytest.approx(2.0) and ours["size"] == "F-net d4x16, b4 x 32x64x64"
+    assert "val r >= 0.80 in 2/2 seeds, after 100 iterations; best 0.820" in ours["note"]
+    assert x["time_s"] is None and x["ratio_vs_ref"] is None and "not reached in 2 seeds" in x["note"]
+    assert ref["ratio_vs_ref"] == 1.0 and ref["time_s"] == 300.0
+    # the reference missed the target in a seed: its row has no ratio, the arm's is a lower bound
+    peer_missed = dict(peer, time_to_target_s=[300.0], reached=1)
+    bound = dict(arm, speedup_at_least_vs_pytorch_fnet=[3.0, 2.0])
+    del bound["speedup_vs_pytorch_fnet"]
+    ours, ref = benchmark.ttq_rows("fnet", {"setup": setup, "summary": {"ours": bound, "pytorch_fnet": peer_missed}})
+    assert ours["ratio_vs_ref"] == pytest.approx(2.5) and "at least" in ours["note"] and ref["ratio_vs_ref"] is None
+    fucci = {"features": [16, 32, 64], "batch": 2, "patch": [16, 64, 64]}
+    (r,) = benchmark.ttq_rows("fucci", {"setup": fucci, "summary": {"eager fp32": peer}})
+    assert r["section"] == "ttq fucci" and r["size"] == "U-Net 16/32/64, b2 x 16x64x64" and "nucleus F1 >= 0.85" in r["note"]
