@@ -14,7 +14,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("cli", "data", "errors", "fastpath", "fucci", "handlers", "io", "isl", "losses", "metrics",
+_SUBMODULES = ("cli", "data", "distributed", "errors", "fastpath", "fucci", "handlers", "io", "isl", "losses", "metrics",
                "networks", "outputs", "progress", "report", "segmentation", "spotlight", "synthetic", "transforms")
 
 

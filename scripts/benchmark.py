@@ -696,7 +696,9 @@ def ddp_worker(rank: int, world: int, port: int, spec: str) -> None:
         from common.fastpath import peak_rss_mib
 
         print("BENCH_RESULT " + json.dumps({"time_s": dt / s["steps"], "peak_rss_mib": peak_rss_mib()}), flush=True)
-    dist.destroy_process_group()
+    from common.distributed import shutdown
+
+    shutdown()
 
 
 def section_ddp(p: dict, threads, rows: list) -> None:
