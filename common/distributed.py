@@ -24,17 +24,24 @@ def _count_to(store, key: str, world: int, timeout_s: float) -> None:
         time.sleep(0.01)
 
 
-def shutdown(timeout_s: float = 300.0) -> bool:
-    """End the default process group so that no rank can abort while another is still talking to it.
+def shutdown(timeout_s: float = 300.0, drain_s: float = 1.0) -> bool:
+    """End the default process group so that no rank aborts on its way out.
 
-    A gloo ``barrier`` returns on one rank as soon as that rank has heard from the others, not when the
-    others have heard from it; a rank that then destroys its process group closes sockets its peer may
-    still be reading, and the peer dies with ``terminate called without an active exception`` (SIGABRT)
-    after its work is done (gloo issue #155; 9 of 60 two-process runs of barrier + destroy on the 2-core
-    CPU). So every rank waits at the barrier, then counts itself past it in the rendezvous store (a
-    connection of its own) and waits until all ranks are, and only then destroys its group. Rank 0 also
-    waits until every rank has seen the count, since the store may live in rank 0's process
-    (``init_method="tcp://..."``; under ``torchrun`` it lives in the launcher).
+    Two races end a gloo job with ``terminate called without an active exception`` (SIGABRT) after its work
+    is done; a plain ``barrier()`` + ``destroy_process_group()`` did so in 9 of 60 loaded two-process runs
+    (``python -m experiments.ddp_teardown --mode plain``):
+
+    - A gloo worker thread frees its last work item (the barrier, and through it the collectives that were
+      in flight when it started) only after the barrier has returned. That work carries Python thread
+      state; freed once the interpreter has begun to shut down, it cannot take the GIL and the process
+      aborts (backtrace: ``~AsyncBarrierWork`` -> ``~AsyncAllreduceWork`` -> ``~ThreadLocalState`` ->
+      ``gil_scoped_acquire`` -> ``pthread_exit``). ``destroy_process_group`` does not join gloo's
+      threads, so after it this process waits ``drain_s`` seconds with the GIL released for them.
+    - A barrier returns on one rank as soon as that rank has heard from the others, not when the others
+      have heard from it. So ranks also count themselves past the barrier in the rendezvous store (a
+      connection of its own) and wait for all, before any closes its connections; rank 0 waits until
+      every rank has seen the count, since the store may live in its process (``init_method="tcp://"``;
+      under ``torchrun`` it lives in the launcher).
 
     Returns False (and does nothing) when no process group is initialised, True otherwise.
     """
@@ -49,4 +56,5 @@ def shutdown(timeout_s: float = 300.0) -> bool:
     else:
         store.add(_PAST_WAIT, 1)
     dist.destroy_process_group()
+    time.sleep(drain_s)  # releases the GIL: gloo's worker threads free their last work items now
     return True

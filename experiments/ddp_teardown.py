@@ -30,6 +30,8 @@ def worker(mode: str = "shutdown") -> None:
     x = torch.randn(2, 1, 8, 16, 16)
     for _ in range(3):
         net(x).mean().backward()
+    rank = dist.get_rank()
+    print(f"rank {rank}: steps done", flush=True)
     if mode == "plain":
         dist.barrier()
         dist.destroy_process_group()
@@ -37,6 +39,7 @@ def worker(mode: str = "shutdown") -> None:
         from common.distributed import shutdown
 
         shutdown()
+    print(f"rank {rank}: group ended; the interpreter exits next", flush=True)
 
 
 def main(runs: int = 60, mode: str = "shutdown", timeout: int = 120) -> dict:
@@ -54,7 +57,8 @@ def main(runs: int = 60, mode: str = "shutdown", timeout: int = 120) -> dict:
             out = p.stdout + p.stderr
             why = "SIGABRT" if "SIGABRT" in out else f"exit {p.returncode}"
             failed.append(i)
-            print(f"run {i}: failed ({why})", flush=True)
+            print(f"run {i}: failed ({why}); its ranks said:", flush=True)
+            print("\n".join(ln for ln in out.splitlines() if not ln.startswith(("W1", "E1", "*", "  ")))[-3000:], flush=True)
     res = {"mode": mode, "runs": int(runs), "failed": len(failed), "failed_runs": failed}
     print(f"{mode}: {len(failed)} of {runs} runs failed", flush=True)
     return res
