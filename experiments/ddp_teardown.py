@@ -67,7 +67,7 @@ def main(runs: int = 60, mode: str = "shutdown", timeout: int = 120) -> dict:
 if __name__ == "__main__":
     from common.cli import strict_fire
 
-    if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        strict_fire(worker, argv=sys.argv[2:])
-    else:
+    if sys.argv[1:2] != ["worker"]:
         strict_fire(main, serialize=lambda _: None)
+    else:  # one torchrun rank
+        strict_fire(worker, argv=sys.argv[2:])
