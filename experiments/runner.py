@@ -9,7 +9,7 @@ Overrides are MONAI bundle ids (``{"max_epochs": 2, "network_def#channels": [4, 
   :func:`workflow` hands back the initialised ``ConfigWorkflow`` so that a caller can read its trainer
   or evaluator state after ``run()``.
 - :func:`run_subprocess`: ``python -m monai.bundle <cmd>`` (optionally under ``torchrun``) exactly as a
-  user types it, from the bundle's folder; a torchrun rank aborting with SIGABRT is retried once.
+  user types it, from the bundle's folder.
 
 This module is not part of ``common`` on purpose: ``common`` is vendored into every bundle zip and
 never parses or launches a bundle config.
@@ -137,7 +137,8 @@ def run_subprocess(bundle: str, configs, overrides: dict | None = None, cmd=("ru
         overrides: MONAI bundle id -> value (``bundle_root`` defaults to the bundle's folder).
         cmd: the ``monai.bundle`` sub-command and its extra arguments, e.g. ``("run",)``, ``("verify_metadata",)``.
         torchrun: number of processes under ``torch.distributed.run --standalone`` (0: a plain process).
-            A rank aborting with SIGABRT (a rare gloo flake) is retried once, and the retry is printed.
+            No failure is retried: the gloo teardown abort that once was is fixed at its cause
+            (``common.distributed.shutdown``), so a rank that aborts now is a regression to see.
         timeout: seconds before ``subprocess.TimeoutExpired``.
         check: raise :class:`BundleRunError` with the output's tail on a non-zero exit.
         cwd: working directory (default: the bundle's folder).
@@ -153,11 +154,6 @@ def run_subprocess(bundle: str, configs, overrides: dict | None = None, cmd=("ru
     env = env if env is not None else subprocess_env(threads)
     t0 = time.time()
     p = _once(args, cwd, env, timeout, log)
-    if torchrun and p.returncode != 0 and "SIGABRT" in p.stdout + p.stderr:
-        # a gloo rank aborting (seen in 2 of ~10 CI runs, both DDP tests, not yet explained): run once more,
-        # so that the flake shows in the log but does not hide real failures
-        print(f"torchrun rank aborted (SIGABRT); retrying once:\n{(p.stdout + p.stderr)[-2000:]}")
-        p = _once(args, cwd, env, timeout, log)
     p.output = p.stdout + p.stderr
     p.seconds = time.time() - t0
     if check and p.returncode != 0:
