@@ -131,7 +131,8 @@ def instance_diagnostics(gt_instances, pred_instances) -> dict:
 
 def tune_classical(img, gt_sem, gt_inst, spacing, grid=None):
     """Otsu + distance-transform watershed (:func:`common.segmentation.otsu_watershed`), its parameters
-    chosen by mAP on the given (training) half. Returns ``(best params, report on that half)``."""
+    chosen by mAP on the given (training) half (``min_size`` in um^3, 0 unless ``grid`` holds it; first
+    best wins ties). Returns ``(best params, report on that half)``."""
     import itertools
 
     from common.fucci import segmentation_report, semantic_from_instances
@@ -140,8 +141,8 @@ def tune_classical(img, gt_sem, gt_inst, spacing, grid=None):
     grid = grid or {"sigma": (0.5, 1.0, 2.0), "min_distance_um": (1.5, 2.5, 4.0), "clahe": (True, False)}
     best = None
     for values in itertools.product(*grid.values()):
-        params = dict(zip(grid, values))
-        inst = otsu_watershed(img, spacing=spacing, min_size=0, remove_border=False, **params)
+        params = {"min_size": 0.0, **dict(zip(grid, values))}
+        inst = otsu_watershed(img, spacing=spacing, remove_border=False, **params)
         r = segmentation_report(gt_sem, semantic_from_instances(inst), gt_inst, inst)
         if best is None or r["mAP"] > best[1]["mAP"]:
             best = (params, r)
@@ -159,7 +160,7 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
          batch_size: int = 2, epochs: int = 12, epoch_length: int = 20, learning_rate: float = 1e-3,
          h_grid=(1.0,), threads: int = 1, seeds=3, edge_grid=(0.0, 0.3, "ring"),
          normalisation: str = "fixed", intensity_percentiles=(0.5, 99.8), intensity_aug: float = 0.0,
-         contrast_aug: float = 0.0, fast: bool = False):
+         contrast_aug: float = 0.0, fast: bool = False, min_size_grid=(0.0, 2.0, 5.0, 10.0, 20.0)):
     """Train (one model per seed), predict and evaluate; prints the table and where the report is.
 
     Args:
@@ -185,6 +186,9 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         intensity_percentiles: ``(lower, upper)`` percentiles.
         intensity_aug, contrast_aug: probabilities of train.json's ``augment#intensity_prob`` (random
             intensity scaling by up to +-30 %) and ``augment#contrast_prob`` (random gamma 0.7..1.5).
+        min_size_grid: smallest instance kept (um^3; inference.json's ``min_nucleus_voxels`` after division by
+            the voxel volume), chosen per seed by mAP on the TRAINING half after ``h_grid`` and ``edge_grid``;
+            reported as its own row (the U-Net leaves small fragments that the 3-class map calls nucleus).
         fast: inference.json's ``fast`` (bf16 on CPUs with native bf16); off by default here so that
             the numbers do not depend on the CPU (the watershed reads the nucleus probability).
     """
@@ -219,11 +223,17 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         intensity_range = halves["intensity_range"]
         print(f"    fixed intensity range {intensity_range} (training half, percentiles {percentiles})")
 
-    def predict(models, name, pdir, method, edge_um, h_um):
+    voxel_um3 = float(np.prod(spacing))
+    min_size_grid = [float(v) for v in (min_size_grid if isinstance(min_size_grid, (list, tuple)) else [min_size_grid])]
+
+    def voxels(um3):
+        return int(round(um3 / voxel_um3))
+
+    def predict(models, name, pdir, method, edge_um, h_um, min_um3=0.0):
         run_inprocess(BUNDLE, "inference.json",
                       {"dataset_dir": files[name][0], "ckpt_path": os.path.join(models, "model.pt"), "output_dir": pdir,
                        "instance_method": method, "watershed_h_um": h_um, "edge_um": edge_um, "patch_size": patch,
-                       "fast": bool(fast)},
+                       "min_nucleus_voxels": voxels(min_um3), "fast": bool(fast)},
                       logging_file=logging_file)
         sem = read_image(os.path.join(pdir, f"{name}_image_semantic.ome.tif"))[0][0].astype(np.int64)
         inst = read_image(os.path.join(pdir, f"{name}_image_instances.ome.tif"))[0][0].astype(np.int64)
@@ -257,12 +267,19 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
             sem, inst = predict(models, "train", os.path.join(sdir, "pred_train"), "watershed", e, h_um)
             scores[e] = segmentation_report(gt["train"][0], sem, gt["train"][1], inst)["mAP"]
         chosen = max(edge_grid, key=lambda e: (scores[e], -e))  # ties: the least growth
-        row = {"seed": seed, "h_um_chosen": h_um, "edge_um_chosen": chosen,
+        size_scores = {}
+        for m in min_size_grid:
+            sem, inst = predict(models, "train", os.path.join(sdir, "pred_train"), "watershed", chosen, h_um, m)
+            size_scores[m] = segmentation_report(gt["train"][0], sem, gt["train"][1], inst)["mAP"]
+        min_um3 = max(min_size_grid, key=lambda m: (size_scores[m], -m))  # ties: remove the least
+        row = {"seed": seed, "h_um_chosen": h_um, "edge_um_chosen": chosen, "min_size_um3_chosen": min_um3,
+               "min_size_voxels_chosen": voxels(min_um3),
                "train_mAP_by_h_um": {str(h): round(v, 4) for h, v in h_scores.items()},
-               "train_mAP_by_edge_um": {str(e): round(v, 4) for e, v in scores.items()}}
-        for label, method, e in (("cc", "connected_components", 0.0), ("ws", "watershed", 0.0),
-                                 ("ws_edges", "watershed", chosen)):
-            sem, inst = predict(models, "test", os.path.join(sdir, f"pred_{label}"), method, e, h_um)
+               "train_mAP_by_edge_um": {str(e): round(v, 4) for e, v in scores.items()},
+               "train_mAP_by_min_size_um3": {str(m): round(v, 4) for m, v in size_scores.items()}}
+        for label, method, e, m in (("cc", "connected_components", 0.0, 0.0), ("ws", "watershed", 0.0, 0.0),
+                                    ("ws_edges", "watershed", chosen, 0.0), ("ws_size", "watershed", chosen, min_um3)):
+            sem, inst = predict(models, "test", os.path.join(sdir, f"pred_{label}"), method, e, h_um, m)
             row[label] = segmentation_report(gt["test"][0], sem, gt["test"][1], inst)
             row[label]["diagnostics"] = instance_diagnostics(gt["test"][1], inst)
             row[label]["pred_nucleus_voxels"], row[label]["true_mask_voxels"] = int((sem == 2).sum()), int(
@@ -277,19 +294,23 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         per_seed.append(row)
 
     print("[4/5] classical baseline: Otsu + distance-transform watershed tuned on the training half")
-    params, train_rep = tune_classical(img[parts["train"]], gt["train"][0], gt["train"][1], spacing)
+    params, train_rep = tune_classical(img[parts["train"]], gt["train"][0], gt["train"][1], spacing,
+                                       {"sigma": (0.5, 1.0, 2.0), "min_distance_um": (1.5, 2.5, 4.0),
+                                        "clahe": (True, False), "min_size": tuple(min_size_grid)})
     from common.fucci import semantic_from_instances
     from common.segmentation import otsu_watershed
 
-    cl_inst = otsu_watershed(img[parts["test"]], spacing=spacing, min_size=0, remove_border=False, **params)
+    cl_inst = otsu_watershed(img[parts["test"]], spacing=spacing, remove_border=False, **params)
     cl_rep = segmentation_report(gt["test"][0], semantic_from_instances(cl_inst), gt["test"][1], cl_inst)
     cl_rep["diagnostics"] = instance_diagnostics(gt["test"][1], cl_inst)
 
     names = {"cc": "U-Net, connected components of the nucleus class",
              "ws": "U-Net, watershed of the nucleus class",
-             "ws_edges": "U-Net, watershed + edge voxels given back (edge_um chosen on the training half)"}
+             "ws_edges": "U-Net, watershed + edge voxels given back (edge_um chosen on the training half)",
+             "ws_size": "U-Net, watershed + edges as chosen + instances below a minimum volume removed (min size "
+                        "chosen on the training half)"}
     rows = []
-    for label in ("cc", "ws", "ws_edges"):
+    for label in ("cc", "ws", "ws_edges", "ws_size"):
         reps = results[label]
         rows.append({"instances": names[label], "n seeds": len(reps),
                      "F1 nucleus": _mean_sd([r["f1_nucleus"] for r in reps]),
@@ -308,6 +329,7 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
                          "split": "train x < 128, test x >= 128 (original)", "features": features, "patch": patch,
                          "batch_size": batch_size, "epochs": epochs, "learning_rate": learning_rate,
                          "epoch_length": epoch_length, "h_grid": h_grid, "seeds": seeds,
+                         "min_size_grid_um3": min_size_grid, "voxel_um3": voxel_um3,
                          "normalisation": normalisation, "intensity_range": intensity_range, "fast": bool(fast),
                          "intensity_percentiles": percentiles, "intensity_aug": intensity_aug,
                          "contrast_aug": contrast_aug,
@@ -341,7 +363,8 @@ def main(out_dir: str = "fucci_cells3d_output", downsample: int = 2, features=(1
         fh.write("# unet3d_fucci on cells3d nuclei (train left half, test right half)\n\n" + table
                  + f"\nmean ± sd over seeds {seeds}; chosen per seed on the training half: h_um "
                  + ", ".join(str(r["h_um_chosen"]) for r in per_seed) + "; edge_um "
-                 + ", ".join(str(r["edge_um_chosen"]) for r in per_seed)
+                 + ", ".join(str(r["edge_um_chosen"]) for r in per_seed) + "; min size um^3 (voxels) "
+                 + ", ".join(f"{r['min_size_um3_chosen']} ({r['min_size_voxels_chosen']})" for r in per_seed)
                  + "\n\nMatched pairs (IoU >= 0.5) per IoU bin [0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0]:\n\n"
                  + "\n".join(diag)
                  + f"\n\n![preview](preview.png)\n\nTotal time {time.time() - t0:.0f} s "
