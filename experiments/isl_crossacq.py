@@ -130,6 +130,29 @@ def train_and_test(train_csv: str, test_csv: str, run_dir: str, seed: int, overr
     return {metric: value, "per_image": per, "iterations": its, "seconds": round(time.time() - t0, 1)}
 
 
+def evaluate_model(run_dir: str, manifest: str, overrides: dict, eval_roi: int) -> dict:
+    """A run's final stage-1 network (``run_dir/models/model.pt``) scored on ``manifest`` by the bundle's
+    ``evaluate.json`` (as a user evaluates a model; outputs in ``run_dir/eval``): the mean IoU and per image."""
+    ov = dict(CPU_NET, sigmoid_a=5.0, in_channels=isl_data.in_channels(manifest), stage=1, init="scratch",
+              train_manifest=manifest, val_manifest=manifest, bundle_root=run_dir,
+              ckpt_dir=os.path.join(run_dir, "models"), output_dir=os.path.join(run_dir, "runs"), num_workers=0)
+    ov["validate#inferer#roi_size"] = [eval_roi, eval_roi]
+    ov["validate#inferer#overlap"] = 0.0
+    ov.update(overrides)
+    wf = workflow(BUNDLE, ["train.json", "evaluate.json"], ov)
+    wf.run()
+    ev = wf.parser.get_parsed_content("validate#evaluator")
+    det = ev.state.metric_details.get("val_iou")
+    per = [float(v) for v in np.asarray(det.detach().cpu()).reshape(len(det), -1).mean(1)]
+    wf.finalize()
+    return {"val_iou": float(ev.state.metrics["val_iou"]), "per_image": per}
+
+
+#: what a finished run's numbers depend on: a run in ``results.json`` with the same values is reused
+SETUP_KEYS = ("iterations", "batch_size", "patch_size", "learning_rate", "eval_roi", "downsample", "threads",
+              "pretrain_iterations")
+
+
 def _one(direction: str, variant: str, seed: int, train_csv: str, test_csv: str, run_dir: str, threads: int,
          budget: dict, pretrain_iterations: int = 0) -> dict:
     import torch
@@ -156,7 +179,7 @@ def _one(direction: str, variant: str, seed: int, train_csv: str, test_csv: str,
 def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str | None = None, seeds=(0, 1, 2),
         directions=tuple(DIRECTIONS), variants=("default",), iterations: int = 2000, batch_size: int = 4,
         patch_size: int = 128, learning_rate: float = 1e-3, eval_roi: int = 256, downsample: int = 2,
-        threads: int = 1, jobs: int = 1, pretrain_iterations: int = 2000) -> dict:
+        threads: int = 1, jobs: int = 1, pretrain_iterations: int = 2000, reuse: bool = True) -> dict:
     """Run every direction x variant x seed; returns the results (also ``<out_dir>/results.json``).
 
     Args:
@@ -172,7 +195,15 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
         jobs: runs at a time (spawned processes; the numbers do not depend on it, the wall time does).
         pretrain_iterations: 0: stage 1 from scratch; > 0: first stage 0 (ISL, bright field -> nuclear stain) on
             the training acquisition for that many iterations, then stage 1 from it (the bundle's two stages).
+        reuse: a run that ``<out_dir>/results.json`` already holds, with the same :data:`SETUP_KEYS` and its
+            model on disk, is not trained again (its numbers are kept; a fresh ``out_dir`` retrains everything).
+
+    Every model tested on all of fig2a is also scored against fig2a's second nucleus annotation, drawn on the
+    bright field (:func:`experiments.isl_data.fig2a_bf_annotation`), beside that annotation's agreement with
+    the stain's masks and Otsu on the stain against it.
     """
+    import json
+
     import torch
 
     from common.report import markdown_table, write_json
@@ -189,7 +220,8 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
             raise ValueError(f"variant {v!r}: choose from {sorted(VARIANTS)}")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    data = isl_data.prepare(data_dir or os.path.join(os.path.dirname(out_dir), f"data_x{downsample}"), downsample)
+    data_dir = data_dir or os.path.join(os.path.dirname(out_dir), f"data_x{downsample}")
+    data = isl_data.prepare(data_dir, downsample)
     t_start = time.time()
     results = {"config": {"seeds": seeds, "directions": directions, "variants": variants, "iterations": iterations,
                           "batch_size": batch_size, "patch_size": patch_size, "learning_rate": learning_rate,
@@ -198,21 +230,51 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
                           "network": "cpu DenseNet U-Net (1.0 M), sigmoid_a 5, stage 1 " + (
                               "from stage 0 on the training acquisition" if pretrain_iterations else "from scratch")},
                "otsu": {}, "runs": []}
-    tasks = []
+    previous, prev_wall = {}, 0.0
+    if reuse and os.path.isfile(os.path.join(out_dir, "results.json")):
+        with open(os.path.join(out_dir, "results.json")) as f:
+            prev = json.load(f)
+        if all(prev.get("config", {}).get(k) == results["config"][k] for k in SETUP_KEYS):
+            previous = {(r["direction"], r["variant"], r["seed"]): r for r in prev.get("runs", [])}
+            prev_wall = float(prev.get("wall_seconds", 0.0))
+    tasks, kept = [], []
     for d in directions:
         train_csv, test_csv, test_acq = manifests(data, d)
         results["otsu"][test_acq] = isl_data.otsu_iou(test_csv)
         _log(f"Otsu on the real stain of {test_acq}: IoU {np.mean(results['otsu'][test_acq]):.3f}")
         for v in variants:
             for s in seeds:
+                run_dir = os.path.join(out_dir, f"{d}_{v}_s{s}")
+                if (d, v, s) in previous and os.path.isfile(os.path.join(run_dir, "models", "model.pt")):
+                    _log(f"{d} {v} seed {s}: reused from {out_dir}/results.json (IoU {previous[d, v, s]['val_iou']:.3f})")
+                    kept.append(previous[d, v, s])
+                    continue
                 tasks.append(dict(direction=d, variant=v, seed=s, train_csv=train_csv, test_csv=test_csv,
-                                  run_dir=os.path.join(out_dir, f"{d}_{v}_s{s}"), threads=threads,
+                                  run_dir=run_dir, threads=threads,
                                   budget=dict(iterations=iterations, batch_size=batch_size, patch_size=patch_size,
                                               learning_rate=learning_rate, eval_roi=eval_roi),
                                   pretrain_iterations=int(pretrain_iterations)))
-    results["runs"] = isl_data.in_parallel(_one, tasks, jobs)
+    new_runs = isl_data.in_parallel(_one, tasks, jobs) if tasks else []
+    order = {(t["direction"], t["variant"], t["seed"]): i for i, t in enumerate(
+        dict(direction=d, variant=v, seed=s) for d in directions for v in variants for s in seeds)}
+    results["runs"] = sorted(kept + new_runs, key=lambda r: order[r["direction"], r["variant"], r["seed"]])
     results["jobs"] = int(jobs)
-    results["wall_seconds"] = round(time.time() - t_start, 1)
+    # the second annotation of fig2a (drawn on the bright field): how much of the gap is nuclei that the
+    # bright field does not show
+    if any(d in DIRECTIONS and DIRECTIONS[d][1] == "fig2a" for d in directions):
+        bf_csv = isl_data.fig2a_bf_annotation(data_dir, downsample)
+        results["bf_annotation"] = {"stain_vs_bf_iou": isl_data.label_iou(data["fig2a"], bf_csv),
+                                    "otsu_vs_bf_iou": isl_data.otsu_iou(bf_csv)}
+        for r in results["runs"]:
+            if r["direction"] in DIRECTIONS and DIRECTIONS[r["direction"]][1] == "fig2a" and "bf_val_iou" not in r:
+                b = evaluate_model(os.path.join(out_dir, f"{r['direction']}_{r['variant']}_s{r['seed']}"), bf_csv,
+                                   VARIANTS[r["variant"]], eval_roi)
+                r.update(bf_val_iou=b["val_iou"], bf_per_image=b["per_image"])
+                _log(f"{r['direction']} {r['variant']} seed {r['seed']}: IoU against the bright-field annotation "
+                     f"{b['val_iou']:.3f} per image {np.round(b['per_image'], 3).tolist()}")
+    # wall time of the runs' own calls: a call that reuses runs adds its time to theirs
+    results["wall_seconds"] = round(time.time() - t_start + (prev_wall if kept else 0.0), 1)
+    results["reused_runs"] = len(kept)
     table = []
     for d in directions:
         train_csv, _, test_acq = manifests(data, d)
@@ -221,6 +283,8 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
             table.append({"trained on": os.path.basename(train_csv)[:-4], "tested on": test_acq, "variant": v, "seeds": len(rs),
                           "IoU (mean ± sd)": mean_sd([r["val_iou"] for r in rs]),
                           "Otsu on real stain": f"{np.mean(results['otsu'][test_acq]):.3f}",
+                          "IoU against the bright-field annotation": mean_sd([r["bf_val_iou"] for r in rs])
+                          if all("bf_val_iou" in r for r in rs) else "-",
                           "per test image (mean over seeds)": ", ".join(
                               f"{v:.2f}" for v in np.mean([r["per_image"] for r in rs], axis=0)),
                           "s / run": f"{np.mean([r['seconds'] for r in rs]):.0f}"})
@@ -229,6 +293,11 @@ def run(out_dir: str = os.path.join(BUNDLE, "runs", "crossacq"), data_dir: str |
           f"{downsample}x block-mean data, {threads} thread(s) x {jobs} job(s); "
           f"wall {results['wall_seconds']:.0f} s.", "",
           markdown_table(table)]
+    if "bf_annotation" in results:
+        agree, otsu_bf = results["bf_annotation"]["stain_vs_bf_iou"], results["bf_annotation"]["otsu_vs_bf_iou"]
+        md += ["fig2a's two nucleus annotations (the stain's masks, the ground truth above, and the masks drawn on "
+               f"the bright field) agree at IoU {np.mean(agree):.3f} (per frame {', '.join(f'{v:.2f}' for v in agree)}); "
+               f"Otsu on the stain against the bright-field annotation: {np.mean(otsu_bf):.3f}.", ""]
     with open(os.path.join(out_dir, "crossacq.md.tmp"), "w") as f:
         f.write("\n".join(md) + "\n")
     os.replace(os.path.join(out_dir, "crossacq.md.tmp"), os.path.join(out_dir, "crossacq.md"))

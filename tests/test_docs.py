@@ -94,6 +94,7 @@ RULES = [
     (r"^python scripts/benchmark\.py|^python -m experiments\.", "external",
      "an experiment of the bundle README (minutes to an hour of CPU); its code paths have their own tests"),
     (r"^python scripts/fucci_prepare_gt\.py from_cellpose", "external", "needs a user's Cellpose model (no download)"),
+    (r"^python scripts/fucci_prepare_gt\.py from_masks", "run", "data: the 3-class ground truth training reads"),
     (r"^python scripts/fucci_prepare_gt\.py|^python scripts/fucci_phase_analysis\.py", "covered", "tests/test_fucci.py"),
     (r"^python scripts/make_synthetic\.py|^python scripts/split_manifest\.py", "run", "data"),
     (r"^\.\.\. ", "external", "a fragment to append to a command above"),
@@ -170,6 +171,11 @@ def prepare(cmd: str, bundle: str, data: str) -> str:
     """The command as run here: placeholders -> tiny data, tiny overrides on training commands."""
     b = _bundle_of(cmd.replace("$B", "bundles/fnet_baseline"), bundle)
     d = f"{data}/{b}"
+    if b == "unet3d_fucci":  # its README's layout: masks in labels/, stacks in stacks/, ground truth to gt/
+        cmd = re.sub(r"(?<![\w/.])(labels|stacks|gt)/", lambda m: f"{d}/{m.group(1)}/", cmd)
+        cmd = cmd.replace("/path/to/gt", f"{d}/gt")
+        if cmd.startswith("python scripts/split_manifest.py"):
+            cmd = _set_flags(cmd, {"val": 2})  # 2 of the 4 stacks: DDP's two processes each validate one
     cmd = re.sub(r"/path/to/[\w.]*manifest\.csv", f"{d}/test.csv", cmd)
     cmd = re.sub(r"/path/to/(data|gt)\b", d, cmd)
     cmd = re.sub(r"/path/to/(images|stacks)\b", f"{d}/test.csv", cmd)
@@ -223,6 +229,11 @@ def run_doc(doc: str, kinds, tmp, bundle: str = "fnet_baseline", timeout: int = 
         if b in BUNDLE_DATA:  # the test's own data (not a documented command): written in this process
             run_script("scripts.make_synthetic", *shlex.split(BUNDLE_DATA[b]), "--out_dir", f"{data}/{b}", cwd=root,
                        check=True)
+        if b == "unet3d_fucci":  # its README's layout: instance masks and stacks in two folders
+            for sub, prefix in (("labels", "labels_"), ("stacks", "image_")):
+                os.makedirs(f"{data}/{b}/{sub}")
+                for f in sorted(glob.glob(f"{data}/{b}/{prefix}*.ome.tif")):
+                    os.symlink(f, f"{data}/{b}/{sub}/{os.path.basename(f)}")
     ran = []
     for cmd in chosen:
         lines.append(prepare(cmd, bundle, data))
@@ -272,8 +283,6 @@ BUNDLE_DOCS = [d for d in DOCS if d.startswith("bundles/")]
 
 
 NOT_YET = {  # bundle README -> why its sequence cannot run here as written yet
-    "bundles/unet3d_fucci/docs/README.md": "its training reads the 3-class ground truth that `fucci_prepare_gt.py "
-                                           "from_masks` makes from a user's masks; the docs test does not build it yet",
     "bundles/isl_nucleus_seg/docs/README.md": "`verify_net_in_out` as written builds inference.json's default network "
                                               "(3 input channels) while metadata.json declares 1 channel (the shipped "
                                               "model): training, DDP, evaluation and inference before it pass",

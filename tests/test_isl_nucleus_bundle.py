@@ -8,6 +8,7 @@ import os
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from ignite.engine import Events
@@ -371,3 +372,38 @@ def test_crossacq_within_reference_holds_out_its_test_field(tmp_path):
     assert name == "fig2a_without_t00011"
     with pytest.raises(ValueError, match="choose from"):
         xa.run(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path), directions=["fig2a_sideways"])
+
+
+def test_crossacq_scores_the_bright_field_annotation_and_reuses_finished_runs(tmp_path):
+    """experiments.isl_crossacq on the real aiSEGcell data (8x downsampled, 60 iterations): every model tested on
+    fig2a is also scored against fig2a's bright-field annotation (``_w00_m00_mask``, downsampled as the stain
+    masks), the two annotations' agreement is the IoU by hand, and a second call reuses the finished run."""
+    from experiments import isl_crossacq as xa
+    from experiments import isl_data
+
+    if not os.path.isdir(os.path.join(isl_data.SOURCE, "fig2a_timelapse")):
+        pytest.skip("../shared/data/aisegcell_bf_nuc is not beside the project")
+    data_dir = tmp_path / "data"
+    kw = dict(out_dir=str(tmp_path / "out"), data_dir=str(data_dir), seeds=[0], directions=["fig3a_to_fig2a"],
+              iterations=60, pretrain_iterations=0, downsample=8, patch_size=64, batch_size=2, eval_roi=128)
+    first = xa.run(**kw)
+    run = first["runs"][0]
+    assert 0.0 <= run["bf_val_iou"] <= 1.0 and len(run["bf_per_image"]) == 4
+    frames = ("t00011", "t00036", "t00068", "t00101")
+    rows = isl_data.read_manifest_rows(str(data_dir / "fig2a_bf_annotation.csv"))
+    assert [r[2] for r in rows] == [f"fig2a_{t}_bfmask.ome.tif" for t in frames]
+    assert [r[:2] for r in rows] == [r[:2] for r in isl_data.read_manifest_rows(str(data_dir / "fig2a.csv"))]
+    for t, agreement in zip(frames, first["bf_annotation"]["stain_vs_bf_iou"]):
+        bf = read_image(str(data_dir / f"fig2a_{t}_bfmask.ome.tif"), 2)[0][0] > 0
+        stain = read_image(str(data_dir / f"fig2a_{t}_mask.ome.tif"), 2)[0][0] > 0
+        raw = np.asarray(Image.open(os.path.join(isl_data.SOURCE, "fig2a_timelapse", f"{t}_w00_m00_mask.png")))
+        raw = (raw[..., 0] if raw.ndim == 3 else raw) > 0
+        blocks = raw[: raw.shape[0] // 8 * 8, : raw.shape[1] // 8 * 8].reshape(raw.shape[0] // 8, 8, -1, 8)
+        np.testing.assert_array_equal(bf, blocks.mean(axis=(1, 3)) >= 0.5)  # a pixel: at least half its block
+        assert agreement == pytest.approx((bf & stain).sum() / (bf | stain).sum(), abs=1e-6)
+    model = tmp_path / "out" / "fig3a_to_fig2a_default_s0" / "models" / "model.pt"
+    stamp = os.path.getmtime(model)
+    second = xa.run(**kw)
+    assert second["reused_runs"] == 1 and os.path.getmtime(model) == stamp
+    assert second["runs"][0]["val_iou"] == run["val_iou"] and second["runs"][0]["bf_val_iou"] == run["bf_val_iou"]
+    assert "IoU against the bright-field annotation" in open(tmp_path / "out" / "crossacq.md").read()

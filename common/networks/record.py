@@ -26,6 +26,7 @@ import logging
 import os
 import pydoc
 import sys
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -167,8 +168,40 @@ def _explicit_overrides(prefixes) -> list[str]:
     return found
 
 
+def _fields_set_by(key: str, override_keys) -> str | None:
+    """The network field (``#`` path in the record's ``network_def``; ``""``: all of it) that the command-line
+    key ``key`` sets, given ``override_keys`` (config key -> field path; a list: each key sets all of it)."""
+    mapping = override_keys if isinstance(override_keys, Mapping) else {k: "" for k in override_keys}
+    for prefix, field in mapping.items():
+        if key == prefix or key.startswith(prefix + "#"):
+            rest = key[len(prefix) + 1:] if key != prefix else ""
+            return "#".join(p for p in (field or "", rest) if p)
+    return None
+
+
+def _conflicts(explicit: list[str], diff: list[str], override_keys) -> tuple[list[str], list[str]]:
+    """The explicit overrides whose network fields are among ``diff``'s (``path: a vs b`` lines), and those lines."""
+    keys, lines = [], []
+    for key in explicit:
+        field = _fields_set_by(key, override_keys)
+        hit = [d for d in diff if field is not None and (
+            field == "" or d.split(":", 1)[0] == field or d.split(":", 1)[0].startswith(field + "#"))]
+        if hit:
+            keys.append(key)
+            lines += [d for d in hit if d not in lines]
+    return keys, lines
+
+
 def network_for(ckpt_path: str, configured: nn.Module, override_keys=("network_def",)) -> nn.Module:
     """``configured``, or the network recorded with the weights at ``ckpt_path`` where they differ.
+
+    Args:
+        override_keys: config keys whose command-line overrides must agree with the record: a list (each
+            key may set any field of the network) or a mapping from key to the ``#`` path of the field it
+            sets in the record's ``network_def`` (``{"input_channels": "in_channels"}``; ``""``: any field;
+            ``--network_def#features`` sets ``features``). An override is a conflict only where the field it
+            sets differs from the record, so ``--input_channels "[2]"`` (which stain of a stack to read) is
+            no conflict for a one-channel model whose other settings the record supplies.
 
     Raises:
         CheckpointMismatchError: explicit network overrides on the command line disagree with the record.
@@ -180,11 +213,11 @@ def network_for(ckpt_path: str, configured: nn.Module, override_keys=("network_d
     diff = _diff(network_config(configured), recorded)
     if not diff:
         return configured
-    explicit = _explicit_overrides(override_keys)
+    explicit, lines = _conflicts(_explicit_overrides(list(override_keys)), diff, override_keys)
     if explicit:
         raise CheckpointMismatchError(
             f"{ckpt_path}: the network given on the command line ({', '.join(explicit)}) differs from the one "
-            f"these weights were trained as ({record_path(ckpt_path)}), given vs trained: {'; '.join(diff[:4])}. Drop those "
+            f"these weights were trained as ({record_path(ckpt_path)}), given vs trained: {'; '.join(lines[:4])}. Drop those "
             "overrides (the record is used automatically) or point --ckpt_path at weights of that network")
     _log.info(f"building the network recorded with the weights ({record_path(ckpt_path)}): "
               + "; ".join(d.split(":")[0] + " = " + d.split(" vs ")[-1] for d in diff[:6]))
@@ -199,7 +232,8 @@ def trained_network(ckpt_path: str, target: str, override_keys=("network_def",),
     Args:
         ckpt_path: the weights file; its record is ``<stem>.json`` beside it.
         target: dotted class of the configured network (used when there is no record).
-        override_keys: config keys whose command-line overrides must agree with the record.
+        override_keys: config keys whose command-line overrides must agree with the record (a list, or a
+            mapping to the network field each sets: :func:`network_for`).
         kwargs: the configured constructor arguments.
     """
     cls = pydoc.locate(target)
