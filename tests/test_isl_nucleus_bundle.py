@@ -407,3 +407,20 @@ def test_crossacq_scores_the_bright_field_annotation_and_reuses_finished_runs(tm
     assert second["reused_runs"] == 1 and os.path.getmtime(model) == stamp
     assert second["runs"][0]["val_iou"] == run["val_iou"] and second["runs"][0]["bf_val_iou"] == run["bf_val_iou"]
     assert "IoU against the bright-field annotation" in open(tmp_path / "out" / "crossacq.md").read()
+
+
+def test_shipped_model_takes_the_documented_in_channels_override(tmp_path):
+    """The README's advice for one bright-field channel (``--in_channels 1``, also at inference) on the shipped
+    model, as a user types it: the override agrees with the model record, so the recorded network (another size
+    than inference.json's default) is built and the mask written; a contradicting value is a named error."""
+    from experiments.runner import BundleRunError, run_subprocess
+
+    sample = os.path.join(os.path.dirname(BUNDLE), os.pardir, "samples", "aisegcell_p0011_brightfield.png")
+    p = run_subprocess("isl_nucleus_seg", "inference.json",
+                       {"dataset_dir": os.path.abspath(sample), "output_dir": str(tmp_path / "out"), "in_channels": 1})
+    assert os.path.isfile(tmp_path / "out" / "aisegcell_p0011_brightfield_nuclei.ome.tif"), p.output[-2000:]
+    three = tmp_path / "three_channels.ome.tif"  # 3 channels pass the input check; the network's 3 do not
+    write_ome_tiff(str(three), np.repeat(np.asarray(Image.open(sample).convert("L"))[None], 3, axis=0), "CYX")
+    with pytest.raises(BundleRunError, match=r"given on the command line \(in_channels\).*base#in_channels: 3 vs 1"):
+        run_subprocess("isl_nucleus_seg", "inference.json",
+                       {"dataset_dir": str(three), "output_dir": str(tmp_path / "out3"), "in_channels": 3})

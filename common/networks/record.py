@@ -170,12 +170,16 @@ def _explicit_overrides(prefixes) -> list[str]:
 
 def _fields_set_by(key: str, override_keys) -> str | None:
     """The network field (``#`` path in the record's ``network_def``; ``""``: all of it) that the command-line
-    key ``key`` sets, given ``override_keys`` (config key -> field path; a list: each key sets all of it)."""
+    key ``key`` sets, given ``override_keys`` (config key -> field path, ``.`` or ``#`` between its parts; a
+    list: each key sets all of it)."""
     mapping = override_keys if isinstance(override_keys, Mapping) else {k: "" for k in override_keys}
     for prefix, field in mapping.items():
         if key == prefix or key.startswith(prefix + "#"):
             rest = key[len(prefix) + 1:] if key != prefix else ""
-            return "#".join(p for p in (field or "", rest) if p)
+            # a config file writes a field path with dots ("base.in_channels"): MONAI's parser rewrites '#' in
+            # string values
+            field = str(field or "").replace("::", "#").replace(".", "#")
+            return "#".join(p for p in (field, rest) if p)
     return None
 
 
@@ -197,8 +201,8 @@ def network_for(ckpt_path: str, configured: nn.Module, override_keys=("network_d
 
     Args:
         override_keys: config keys whose command-line overrides must agree with the record: a list (each
-            key may set any field of the network) or a mapping from key to the ``#`` path of the field it
-            sets in the record's ``network_def`` (``{"input_channels": "in_channels"}``; ``""``: any field;
+            key may set any field of the network) or a mapping from key to the path of the field it sets in
+            the record's ``network_def``, with dots (``{"in_channels": "base.in_channels"}``; ``""``: any field;
             ``--network_def#features`` sets ``features``). An override is a conflict only where the field it
             sets differs from the record, so ``--input_channels "[2]"`` (which stain of a stack to read) is
             no conflict for a one-channel model whose other settings the record supplies.
