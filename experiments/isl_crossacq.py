@@ -22,7 +22,10 @@ validation = the test images, IoU of the binary mask per image, MONAI's ``MeanIo
 single validation is on its own training images. Baseline: Otsu's threshold (scikit-image) on the *real
 nuclear stain* of the test images, same IoU. ``variants`` name bundle-override sets (:data:`VARIANTS`)
 for the ablation of the normalisation and augmentation switches; ``default`` is the bundle's train.json
-as shipped. Outputs in ``out_dir``: ``results.json``, ``crossacq.md`` (mean +- sd over seeds).
+as shipped. Every model tested on all of fig2a is also scored, through the bundle's ``evaluate.json``
+(:func:`evaluate_model`), against fig2a's second nucleus annotation, drawn on the bright field. Outputs
+in ``out_dir``: ``results.json``, ``crossacq.md`` (mean +- sd over seeds); the same command on the same
+``out_dir`` reuses the finished runs (``--reuse false`` retrains them).
 """
 
 from __future__ import annotations
