@@ -106,17 +106,32 @@ def _log(msg: str) -> None:
     print(f"[isl_crossacq {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _common_overrides(train_csv: str, test_csv: str, run_dir: str, eval_roi: int) -> dict:
+    """The bundle overrides every run and every evaluation of this experiment shares: the CPU network, its
+    activation, the manifests, the run's folders and the test windows (whole tiles, no overlap)."""
+    ov = dict(CPU_NET, sigmoid_a=5.0, in_channels=isl_data.in_channels(train_csv), train_manifest=train_csv,
+              val_manifest=test_csv, ckpt_dir=os.path.join(run_dir, "models"), output_dir=os.path.join(run_dir, "runs"),
+              num_workers=0)
+    ov["validate#inferer#roi_size"] = [eval_roi, eval_roi]
+    ov["validate#inferer#overlap"] = 0.0
+    return ov
+
+
+def _metric_per_image(wf, metric: str) -> tuple[float, list[float]]:
+    """The validation evaluator's ``metric`` after a run, and its value per image."""
+    ev = wf.parser.get_parsed_content("validate#evaluator")
+    det = ev.state.metric_details.get(metric)
+    per = [float(v) for v in np.asarray(det.detach().cpu()).reshape(len(det), -1).mean(1)] if det is not None else []
+    return float(ev.state.metrics[metric]), per
+
+
 def train_and_test(train_csv: str, test_csv: str, run_dir: str, seed: int, overrides: dict, iterations: int,
                    batch_size: int, patch_size: int, learning_rate: float, eval_roi: int, stage: int = 1,
                    init: str = "scratch", stage0_ckpt: str | None = None) -> dict:
     """One bundle training run (``train.json``) and the final network's metric on ``test_csv`` (per image)."""
-    ov = dict(CPU_NET, sigmoid_a=5.0, in_channels=isl_data.in_channels(train_csv), patch_size=[patch_size, patch_size],
-              batch_size=batch_size,
-              learning_rate=learning_rate, num_epochs=1, epoch_length=int(iterations), val_interval=1, num_workers=0,
-              resume=False, seed=int(seed), stage=stage, init=init, train_manifest=train_csv, val_manifest=test_csv,
-              ckpt_dir=os.path.join(run_dir, "models"), output_dir=os.path.join(run_dir, "runs"))
-    ov["validate#inferer#roi_size"] = [eval_roi, eval_roi]
-    ov["validate#inferer#overlap"] = 0.0
+    ov = dict(_common_overrides(train_csv, test_csv, run_dir, eval_roi), patch_size=[patch_size, patch_size],
+              batch_size=batch_size, learning_rate=learning_rate, num_epochs=1, epoch_length=int(iterations),
+              val_interval=1, resume=False, seed=int(seed), stage=stage, init=init)
     if stage0_ckpt:
         ov["stage0_ckpt"] = stage0_ckpt
     ov.update(overrides)
@@ -124,10 +139,7 @@ def train_and_test(train_csv: str, test_csv: str, run_dir: str, seed: int, overr
     t0 = time.time()
     wf = workflow(BUNDLE, "train.json", ov, workflow_type="train")
     wf.run()
-    ev = wf.parser.get_parsed_content("validate#evaluator")
-    value = float(ev.state.metrics[metric])
-    det = ev.state.metric_details.get(metric)
-    per = [float(v) for v in np.asarray(det.detach().cpu()).reshape(len(det), -1).mean(1)] if det is not None else []
+    value, per = _metric_per_image(wf, metric)
     its = int(wf.parser.get_parsed_content("train#trainer").state.iteration)
     wf.finalize()
     return {metric: value, "per_image": per, "iterations": its, "seconds": round(time.time() - t0, 1)}
@@ -136,19 +148,13 @@ def train_and_test(train_csv: str, test_csv: str, run_dir: str, seed: int, overr
 def evaluate_model(run_dir: str, manifest: str, overrides: dict, eval_roi: int) -> dict:
     """A run's final stage-1 network (``run_dir/models/model.pt``) scored on ``manifest`` by the bundle's
     ``evaluate.json`` (as a user evaluates a model; outputs in ``run_dir/eval``): the mean IoU and per image."""
-    ov = dict(CPU_NET, sigmoid_a=5.0, in_channels=isl_data.in_channels(manifest), stage=1, init="scratch",
-              train_manifest=manifest, val_manifest=manifest, bundle_root=run_dir,
-              ckpt_dir=os.path.join(run_dir, "models"), output_dir=os.path.join(run_dir, "runs"), num_workers=0)
-    ov["validate#inferer#roi_size"] = [eval_roi, eval_roi]
-    ov["validate#inferer#overlap"] = 0.0
+    ov = dict(_common_overrides(manifest, manifest, run_dir, eval_roi), stage=1, init="scratch", bundle_root=run_dir)
     ov.update(overrides)
     wf = workflow(BUNDLE, ["train.json", "evaluate.json"], ov)
     wf.run()
-    ev = wf.parser.get_parsed_content("validate#evaluator")
-    det = ev.state.metric_details.get("val_iou")
-    per = [float(v) for v in np.asarray(det.detach().cpu()).reshape(len(det), -1).mean(1)]
+    value, per = _metric_per_image(wf, "val_iou")
     wf.finalize()
-    return {"val_iou": float(ev.state.metrics["val_iou"]), "per_image": per}
+    return {"val_iou": value, "per_image": per}
 
 
 #: what a finished run's numbers depend on: a run in ``results.json`` with the same values is reused

@@ -401,6 +401,9 @@ def test_crossacq_scores_the_bright_field_annotation_and_reuses_finished_runs(tm
         blocks = raw[: raw.shape[0] // 8 * 8, : raw.shape[1] // 8 * 8].reshape(raw.shape[0] // 8, 8, -1, 8)
         np.testing.assert_array_equal(bf, blocks.mean(axis=(1, 3)) >= 0.5)  # a pixel: at least half its block
         assert agreement == pytest.approx((bf & stain).sum() / (bf | stain).sum(), abs=1e-6)
+    # evaluate.json on the run's own test manifest gives the run's own validation, image by image
+    again = xa.evaluate_model(str(tmp_path / "out" / "fig3a_to_fig2a_default_s0"), str(data_dir / "fig2a.csv"), {}, 128)
+    assert again["per_image"] == pytest.approx(run["per_image"], abs=1e-6)
     model = tmp_path / "out" / "fig3a_to_fig2a_default_s0" / "models" / "model.pt"
     stamp = os.path.getmtime(model)
     second = xa.run(**kw)
@@ -419,6 +422,12 @@ def test_shipped_model_takes_the_documented_in_channels_override(tmp_path):
     p = run_subprocess("isl_nucleus_seg", "inference.json",
                        {"dataset_dir": os.path.abspath(sample), "output_dir": str(tmp_path / "out"), "in_channels": 1})
     assert os.path.isfile(tmp_path / "out" / "aisegcell_p0011_brightfield_nuclei.ome.tif"), p.output[-2000:]
+    run_subprocess("isl_nucleus_seg", "inference.json",  # the same run without the override: the same mask
+                   {"dataset_dir": os.path.abspath(sample), "output_dir": str(tmp_path / "plain")})
+    with_override = read_image(str(tmp_path / "out" / "aisegcell_p0011_brightfield_nuclei.ome.tif"), 2)[0]
+    np.testing.assert_array_equal(
+        with_override, read_image(str(tmp_path / "plain" / "aisegcell_p0011_brightfield_nuclei.ome.tif"), 2)[0])
+    assert with_override.max() == 1 and 0 < with_override.mean() < 0.5  # nuclei found, not all foreground
     three = tmp_path / "three_channels.ome.tif"  # 3 channels pass the input check; the network's 3 do not
     write_ome_tiff(str(three), np.repeat(np.asarray(Image.open(sample).convert("L"))[None], 3, axis=0), "CYX")
     with pytest.raises(BundleRunError, match=r"given on the command line \(in_channels\).*base#in_channels: 3 vs 1"):
