@@ -330,40 +330,98 @@ def train_step_fn(net, x, y, bf16: bool, channels_last: bool, device) -> Callabl
 
 # ------------------------------------------------------------------------------------- sections
 
-def section_fnet_train(p: dict, device, rows: list, warmup: int, ablation: bool, compile_train: bool) -> None:
+#: training variants of ``fnet_train``: (bf16 autocast, channels-last, reuse_memory); "opt" is every fast
+#: path (``--bf16_cpu true`` plus the defaults channels-last and reuse_memory), "ref" pytorch_fnet's way
+TRAIN_VARIANTS = {"ref": (False, False, False), "opt": (True, True, True)}
+TRAIN_ABLATION = {"bf16 only": (True, False, False), "channels_last only": (False, True, False),
+                  "reuse_memory only": (False, False, True), "bf16 + channels_last (glibc's malloc defaults)": (True, True, False)}
+
+
+def interleave_children(specs: dict[str, dict], warmup: int, repeats: int) -> dict[str, dict]:
+    """:func:`interleave` for training steps that must each run in a fresh process (``reuse_memory`` is
+    process-wide): ``repeats`` rounds A B A B ..., each child ``warmup`` steps then one timed step.
+
+    Returns ``{name: {"times": [...], "median": s, "rss": peak MiB of the children}}``."""
+    out = {k: {"times": [], "rss": 0.0} for k in specs}
+    for _ in range(repeats):
+        for k, spec in specs.items():
+            r = _child(dict(spec, kind="train", warmup=warmup, steps=1))
+            out[k]["times"] += r["times"]
+            out[k]["rss"] = max(out[k]["rss"], r["peak_rss_mib"])
+            out[k].update({key: r[key] for key in ("compile_s",) if r.get(key) is not None})
+    for v in out.values():
+        v["median"] = statistics.median(v["times"])
+    return out
+
+
+def train_child(s: dict) -> dict:
+    """(internal) Training steps in this fresh process: ``s["path"]`` ``ours`` (:func:`train_step_fn` with
+    ``bf16``/``channels_last``, ``reuse_memory`` applied first) or ``peer`` (pytorch_fnet's
+    ``Model.train_on_batch``); seeded random patches of ``s["batch"]`` x ``s["patch"]``."""
+    import torch
+
+    from common.fastpath import peak_rss_mib, reuse_freed_memory
+
+    _set_threads(s.get("threads"))
+    reuse_freed_memory(s.get("reuse_memory", False))
+    device = torch.device(s.get("device", "cpu"))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(s["batch"], 1, *s["patch"], generator=g).to(device)
+    y = torch.randn(s["batch"], 1, *s["patch"], generator=g).to(device)
+    compile_s = None
+    if s["path"] == "peer":
+        model = peer_model(s["peer_path"], s["net_kwargs"])
+
+        def step():
+            model.train_on_batch(x, y)
+    else:
+        net = build_network("fnet", s["net_kwargs"]).to(device)
+        if s.get("compile"):
+            from common.fastpath import set_memory_format
+
+            set_memory_format(net, s["channels_last"])
+            net = torch.compile(net)
+        step = train_step_fn(net, x, y, s["bf16"], s["channels_last"], device)
+        if s.get("compile"):
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            compile_s = time.perf_counter() - t
+    for _ in range(int(s.get("warmup", 1))):
+        step()
+        _sync(device)
+    times = []
+    for _ in range(int(s.get("steps", 1))):
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return {"times": times, "peak_rss_mib": peak_rss_mib(), "compile_s": compile_s}
+
+
+def section_fnet_train(p: dict, device, threads, rows: list, warmup: int, ablation: bool, compile_train: bool) -> None:
     import torch
 
     for b in p["train_batches"]:
-        x = torch.randn(b, 1, *p["train_patch"], device=device)
-        y = torch.randn(b, 1, *p["train_patch"], device=device)
-        variants = {"ref": (False, False), "opt": (True, True)}
-        if ablation:
-            variants.update({"bf16 only": (True, False), "channels_last only": (False, True)})
-        fns, nets = {}, {}
-        for name, (bf16, cl) in variants.items():
-            nets[name] = build_network("fnet", p["fnet"]).to(device)
-            fns[name] = train_step_fn(nets[name], x, y, bf16, cl, device)
-        compile_s = None
+        variants = dict(TRAIN_VARIANTS, **(TRAIN_ABLATION if ablation else {}))
+        base = {"net_kwargs": p["fnet"], "batch": b, "patch": list(p["train_patch"]), "threads": threads,
+                "device": str(device), "path": "ours"}
+        specs = {name: dict(base, bf16=bf16, channels_last=cl, reuse_memory=reuse)
+                 for name, (bf16, cl, reuse) in variants.items()}
         if compile_train:
-            net = build_network("fnet", p["fnet"]).to(device)
-            from common.fastpath import set_memory_format
-
-            set_memory_format(net, True)
-            cnet = torch.compile(net)
-            fns["opt + compile"] = train_step_fn(cnet, x, y, True, True, device)
-            t = time.perf_counter()
-            fns["opt + compile"]()
-            compile_s = time.perf_counter() - t
-        flops = _flops(fns["ref"])
+            specs["opt + compile"] = dict(specs["opt"], compile=True)
+        x = torch.randn(b, 1, *p["train_patch"], device=device)
+        flops = _flops(train_step_fn(build_network("fnet", p["fnet"]).to(device), x, x, False, False, device))
         reps = p["train_repeats"].get(b, 3)
-        _log(f"  fnet_train batch {b}: {len(fns)} variants x ({warmup} warm-up + {reps} timed), interleaved")
-        res = interleave(fns, warmup, reps, device)
+        _log(f"  fnet_train batch {b}: {len(specs)} variants x {reps} rounds of a fresh process "
+             f"({warmup} warm-up + 1 timed step), interleaved")
+        res = interleave_children(specs, warmup, reps)
         vox = b * int(np.prod(p["train_patch"]))
         ref_t = res["ref"]["median"]
         for name, r in res.items():
             note = f"{b / r['median']:.2f} patches/s; {flops / r['median'] / 1e9:.1f} GFLOP/s"
-            if name == "opt + compile" and compile_s is not None:
-                note += f"; compile + first step {compile_s:.0f} s"
+            if r.get("compile_s") is not None:
+                note += f"; compile + first step {r['compile_s']:.0f} s"
             rows.append(_row("fnet_train", name, f"b{b} x {_shape_str(p['train_patch'])}", r["median"], vox,
                              ref_t / r["median"], r["rss"], note, batch=b, patches_per_s=b / r["median"],
                              flops=flops, times=r["times"]))
@@ -386,10 +444,16 @@ def child(spec: str) -> None:
     """(internal) One inference measurement: build, warm up, run once, report time and peak RSS."""
     import torch
 
-    from common.fastpath import FastSlidingWindowInferer, peak_rss_mib
+    from common.fastpath import FastSlidingWindowInferer, peak_rss_mib, reuse_freed_memory
 
     s = json.loads(spec) if isinstance(spec, str) else spec
+    if s.get("kind") == "train":
+        print("BENCH_RESULT " + json.dumps(train_child(s)), flush=True)
+        return
     _set_threads(s.get("threads"))
+    # the bundles' default (reuse_memory: true, tied to fast at inference) for the optimised paths;
+    # the reference, the whole-volume and the peer's paths keep glibc's defaults, as their own code runs
+    reuse_freed_memory(s.get("reuse_memory", s["path"].startswith("opt")))
     device = torch.device(s.get("device", "cpu"))
     net = build_network(s["net"], s["net_kwargs"], seed=s.get("seed", 0)).to(device).eval()
     g = torch.Generator().manual_seed(123)
@@ -468,8 +532,10 @@ def section_fnet_infer(p: dict, device, threads, rows: list, tmp: str, compile_i
         specs["opt + compile"] = dict(base, path="opt", compile=True, **p["sw_opt"])
     # the fast paths alone (the reference's own windows: the same output up to rounding)
     specs["opt, ref windows (fast paths alone)"] = dict(base, path="opt", **p["sw_ref"])
-    if ablation:  # the window-geometry gain alone
+    if ablation:  # the window-geometry gain alone; the allocator's share of the fast paths
         specs["ref, opt windows"] = dict(base, path="ref", **p["sw_opt"])
+        specs["opt, ref windows, glibc's malloc defaults"] = dict(base, path="opt", reuse_memory=False, **p["sw_ref"])
+        specs["ref + reuse_memory"] = dict(base, path="ref", reuse_memory=True, **p["sw_ref"])
     results = {k: [] for k in specs}
 
     def npy(k):
@@ -495,6 +561,8 @@ def section_fnet_infer(p: dict, device, threads, rows: list, tmp: str, compile_i
             continue
         t = statistics.median(x["time_s"] for x in ok)
         note = _sw_note(specs[k])
+        if specs[k].get("reuse_memory", specs[k]["path"].startswith("opt")):
+            note += ", reuse_memory"
         if k != "ref":
             pred = np.load(npy(k))
             note += f"; Pearson r with ref output {_pearson(pred, ref_out):.5f}"
@@ -795,7 +863,8 @@ def _bundle_infer_defaults(bundle: str = "fnet_baseline") -> dict:
         cfg = json.load(f)
     return {"roi": list(cfg["patch_size"]), "sw_batch": int(cfg["sw_batch_size"]), "overlap": float(cfg["overlap"]),
             "margin": cfg.get("sw_margin"), "mode": cfg["inferer"].get("mode", "constant"),
-            "fast": bool(cfg.get("fast", False))}
+            "fast": bool(cfg.get("fast", False)),
+            "reuse_memory": bool(cfg.get("fast", False)) if cfg.get("reuse_memory") == "@fast" else bool(cfg.get("reuse_memory", False))}
 
 
 def _train_defaults(bundle: str = "fnet_baseline") -> dict:
@@ -807,15 +876,13 @@ def _train_defaults(bundle: str = "fnet_baseline") -> dict:
     cl = cfg.get("channels_last", False)
     bf16 = cfg.get("bf16_cpu", False)
     bf16 = native_bf16_cpu() if str(bf16).lower() == "auto" else bool(bf16)
-    return {"channels_last": bool(cl), "bf16": bf16}
+    return {"channels_last": bool(cl), "bf16": bf16, "reuse_memory": bool(cfg.get("reuse_memory", False))}
 
 
 def section_peer(p: dict, device, threads, rows: list, warmup: int, peers: dict) -> None:
     """Ours (the bundles' defaults) against pytorch_fnet's own code: its training step
     (``Model.train_on_batch``) and its prediction (``Model.predict_piecewise``) on the same F-net size,
     patches and volume; ratios are theirs / ours in time (> 1: ours faster)."""
-    import torch
-
     if not peers:
         reason = "skipped: no checkout given (--peer pytorch_fnet=<path>)"
         _log("  " + reason)
@@ -829,21 +896,22 @@ def section_peer(p: dict, device, threads, rows: list, warmup: int, peers: dict)
     commit = git_commit(path)
     _log(f"  peer pytorch_fnet at {path}, commit {commit}; shims: " + "; ".join(PEER_SHIMS))
     b = p["train_batches"][0]
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(b, 1, *p["train_patch"], generator=g)
-    y = torch.randn(b, 1, *p["train_patch"], generator=g)
     tr = _train_defaults()
     model = peer_model(path, p["fnet"])
     ours = build_network("fnet", p["fnet"])
     n_ours = sum(t.numel() for t in ours.parameters())
     n_peer = sum(t.numel() for t in model.net.parameters())
-    fns = {"ours (train.json defaults)": train_step_fn(ours, x, y, tr["bf16"], tr["channels_last"], "cpu"),
-           "pytorch_fnet train_on_batch": lambda: model.train_on_batch(x, y)}
+    del model, ours
+    base = {"net_kwargs": p["fnet"], "batch": b, "patch": list(p["train_patch"]), "threads": threads, "device": "cpu"}
+    specs = {"ours (train.json defaults)": dict(base, path="ours", bf16=tr["bf16"], channels_last=tr["channels_last"],
+                                                 reuse_memory=tr["reuse_memory"]),
+             "pytorch_fnet train_on_batch": dict(base, path="peer", peer_path=path)}
     if not tr["bf16"]:
-        fns["ours (bf16_cpu true)"] = train_step_fn(build_network("fnet", p["fnet"]), x, y, True, True, "cpu")
+        specs["ours (bf16_cpu true)"] = dict(specs["ours (train.json defaults)"], bf16=True)
     reps = p["train_repeats"].get(b, 3)
-    _log(f"  peer training step b{b} x {_shape_str(p['train_patch'])}: {len(fns)} variants, interleaved")
-    res = interleave(fns, warmup, reps, "cpu")
+    _log(f"  peer training step b{b} x {_shape_str(p['train_patch'])}: {len(specs)} variants x {reps} rounds "
+         "of a fresh process, interleaved")
+    res = interleave_children(specs, warmup, reps)
     theirs = res["pytorch_fnet train_on_batch"]["median"]
     for k, r in res.items():
         note = f"{b / r['median']:.2f} patches/s"
@@ -1009,7 +1077,7 @@ def run(profile: str = "auto", only: str | None = None, skip: str | None = None,
             ts = time.perf_counter()
             _log(f"[{sec}] (elapsed {ts - t0:.0f} s, load average {_loadavg()})")
             if sec == "fnet_train":
-                section_fnet_train(p, dev, rows, warmup, ablation, compile_train)
+                section_fnet_train(p, dev, threads, rows, warmup, ablation, compile_train)
             elif sec == "fnet_infer":
                 reuse = section_fnet_infer(p, dev, threads, rows, tmp, compile_infer, sw_repeats, ablation)
             elif sec == "scaling":
