@@ -18,7 +18,8 @@ the same data, network, patches, batch and optimiser (Adam, lr 1e-3, betas 0.5/0
   scored afterwards with its own ``predict_piecewise``, off its clock (ours pays for its validations).
 
 ``fucci``: unet3d_fucci to nucleus F1 0.85 (voxel F1 = Dice of the nucleus class) on the held-out half of
-cells3d, our defaults (channels-last), with ``bf16_cpu true``, and eager fp32 (``channels_last false``), otherwise
+cells3d, our defaults (channels-last, reuse_memory), with ``bf16_cpu true``, and eager fp32 (``channels_last false``,
+``reuse_memory false``), otherwise
 ``experiments.fucci_cells3d``'s setup. There is no public code of the thesis' U-Net to run beside it.
 
 Every run is a fresh process with one torch thread; ``--jobs 2`` runs two at once (one per core), so every
@@ -469,7 +470,8 @@ def fnet(out_dir: str = "ttq_fnet", peer: str | None = None, seeds=3, jobs: int 
 def fucci(out_dir: str = "ttq_fucci", seeds=3, jobs: int = 2, max_iterations: int = 600, every: int = 20,
           arms: str = "ours,ours bf16,eager fp32") -> dict:
     """unet3d_fucci to nucleus F1 ``FUCCI["target"]`` on cells3d's held-out half: our training defaults
-    (channels-last), the same with ``bf16_cpu true``, and eager fp32 (``channels_last false``). Args as
+    (channels-last, reuse_memory), the same with ``bf16_cpu true``, and eager fp32 (``channels_last false``,
+    ``reuse_memory false``: glibc's malloc defaults, as before issue 19). Args as
     :func:`fnet`."""
     from experiments.fucci_cells3d import write_halves
 
@@ -487,6 +489,7 @@ def fucci(out_dir: str = "ttq_fucci", seeds=3, jobs: int = 2, max_iterations: in
               "epoch_length": int(every), "val_interval": 1, "num_workers": 0, "resume": False, "seed": s,
               "network_def#features": list(FUCCI["features"]), "patch_size": list(FUCCI["patch"]),
               "intensity_range": intensity_range, "channels_last": arm != "eager fp32",
+              "reuse_memory": arm != "eager fp32",
               "bf16_cpu": arm.endswith("bf16")}
         tasks.append(("ours", (arm, s), dict(bundle="unet3d_fucci", overrides=ov, metric="val_nucleus_f1",
                                              target=FUCCI["target"], out=os.path.join(work, "ttq.json"),

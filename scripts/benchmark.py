@@ -451,9 +451,9 @@ def child(spec: str) -> None:
         print("BENCH_RESULT " + json.dumps(train_child(s)), flush=True)
         return
     _set_threads(s.get("threads"))
-    # the bundles' default (reuse_memory: true, tied to fast at inference) for the optimised paths;
+    # the bundles' default (reuse_memory: true, tied to fast at inference) for the optimised and bundle paths;
     # the reference, the whole-volume and the peer's paths keep glibc's defaults, as their own code runs
-    reuse_freed_memory(s.get("reuse_memory", s["path"].startswith("opt")))
+    reuse_freed_memory(s.get("reuse_memory", s["path"].startswith("opt") or (s["path"] == "bundle" and s.get("fast"))))
     device = torch.device(s.get("device", "cpu"))
     net = build_network(s["net"], s["net_kwargs"], seed=s.get("seed", 0)).to(device).eval()
     g = torch.Generator().manual_seed(123)
