@@ -20,7 +20,10 @@ bundles also as train tasks, images and labels kept in a local studies folder.
   address) and answer clients other than this machine. Without it the app refuses to start on such an address:
   the server has no authentication (MONAI Label's own needs a Keycloak server), so anyone who reaches the port
   could read and write the studies folder and start jobs. With it, a warning saying so is logged;
-- ``infer_concurrency``: inferences run at the same time (default 1; others wait their turn).
+- ``infer_concurrency``: inferences run at the same time (default 1; others wait their turn);
+- ``reuse_memory``: ``true`` (default, as in the bundles' configs) keeps freed tensors' memory in the server
+  process for the next inference (``common.fastpath.reuse_freed_memory``: no page faults on every pass;
+  up to 1 GiB of free memory stays with the process); ``false`` keeps glibc's defaults.
 
 Requests are checked before MONAI Label handles them (``lib/server.py``, ``lib/safety.py``): image ids, label
 tags and upload names are plain names, every datastore path stays inside the studies folder (symbolic links
@@ -115,6 +118,7 @@ class LabelFreeZooApp(MONAILabelApp):
         host, port = server_host(sys.argv, getattr(main_spec, "name", "") or "")
         check_bind(host, self.allow_remote, port, studies)  # before anything is loaded or bound
         self.infer_concurrency = max(1, int(conf.get("infer_concurrency", 1)))
+        self.reuse_memory = as_bool(conf.get("reuse_memory", "true"), "reuse_memory")
         self.extensions = conf.get("extensions", ",".join(DATASTORE_EXTENSIONS)).split(",")
         self._trusted_inputs: set[str] = set()
         self.zoo_dir = os.path.abspath(conf.get("zoo_dir") or os.path.join(REPO_ROOT, "bundles"))
@@ -145,6 +149,13 @@ class LabelFreeZooApp(MONAILabelApp):
             else:
                 logger.warning(f"zoo: {n} not served: no usable configs/inference.json or no weights in "
                                f"{self.bundles[n]}/models (train it, or download the packaged bundle)")
+        try:  # the `common` the bundles' configs import (this repository's or a vendored copy)
+            import common.fastpath as fastpath
+        except ImportError:
+            fastpath = None
+        reuse = getattr(fastpath, "reuse_freed_memory", None)  # absent from a pre-0.3.4 vendored copy
+        if reuse is not None and infers:
+            logger.info(f"zoo: reuse_memory {reuse(self.reuse_memory)}")
         return infers
 
     def init_trainers(self):

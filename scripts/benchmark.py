@@ -864,7 +864,7 @@ def _bundle_infer_defaults(bundle: str = "fnet_baseline") -> dict:
     return {"roi": list(cfg["patch_size"]), "sw_batch": int(cfg["sw_batch_size"]), "overlap": float(cfg["overlap"]),
             "margin": cfg.get("sw_margin"), "mode": cfg["inferer"].get("mode", "constant"),
             "fast": bool(cfg.get("fast", False)),
-            "reuse_memory": bool(cfg.get("fast", False)) if cfg.get("reuse_memory") == "@fast" else bool(cfg.get("reuse_memory", False))}
+            "reuse_memory": bool(cfg.get("fast", False)) if "@fast" in str(cfg.get("reuse_memory")) else bool(cfg.get("reuse_memory", False))}
 
 
 def _train_defaults(bundle: str = "fnet_baseline") -> dict:

@@ -6,6 +6,7 @@ producing a new checkpoint; plus the app's pure helpers (selection, result writi
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,9 @@ def test_info_lists_the_zoo(server):
     assert "label_tag" in next(iter(info["trainers"].values()))["config"] if TRAINED else True
     log = open(server["log"]).read()
     assert "127.0.0.1:9" not in log and "ProxyError" not in log  # nothing tried to reach a hub
+    # the server process keeps freed tensors' memory for the next inference, as the bundles' configs do
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert f"zoo: reuse_memory {glibc}" in log
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_bundles_apply_it_at_initialize_and_inference_ties_it_to_fast(bundle, co
 
     for name in ["train.json", "multi_gpu_train.json", "inference.json"]:
         cfg = json.loads(open(os.path.join(BUNDLES, bundle, "configs", name)).read())
-        assert "$common.fastpath.reuse_freed_memory(@reuse_memory)" in cfg["initialize"], name
+        assert "$common.fastpath.reuse_freed_memory(common.cli.as_bool(@reuse_memory, 'reuse_memory'))" in cfg["initialize"], name
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLES, bundle, "configs", config))
     parser["bundle_root"] = os.path.join(BUNDLES, bundle)
@@ -89,4 +89,4 @@ def test_bundles_apply_it_at_initialize_and_inference_ties_it_to_fast(bundle, co
     else:
         assert parser.get_parsed_content("reuse_memory") is True
         parser["fast"] = "false"  # what --fast false gives
-        assert parser.get_parsed_content("reuse_memory") == "false"
+        assert parser.get_parsed_content("reuse_memory") is False
