@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import resource
 import sys
@@ -61,6 +62,7 @@ __all__ = [
     "native_bf16_cpu",
     "memory_format_for",
     "to_memory_format",
+    "dense_gradient",
     "set_memory_format",
     "fuse_conv_bn",
     "autocast_context",
@@ -151,6 +153,24 @@ def to_memory_format(x: torch.Tensor, channels_last: bool = True) -> torch.Tenso
     Values and shape are unchanged; only the strides differ."""
     fmt = memory_format_for(x.ndim) if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=fmt)
+
+
+def dense_gradient(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself; in training, its gradient is made dense in ``t``'s own layout before it flows on.
+
+    For the second input of a channel concatenation (a U-Net's upsampled branch): the gradient that
+    ``torch.cat`` hands back is a strided slice of the concatenated gradient, and the element-wise
+    backward of the ReLU before it runs 25x slower on such a slice than on a dense channels-last
+    tensor. The copy costs a fraction of that; the values are unchanged."""
+    if t.requires_grad:
+        fmt = memory_format_for(t.ndim)
+        fmt = fmt if t.is_contiguous(memory_format=fmt) else torch.contiguous_format
+        t.register_hook(functools.partial(_contiguous_in, memory_format=fmt))
+    return t
+
+
+def _contiguous_in(grad: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return grad.contiguous(memory_format=memory_format)
 
 
 def set_memory_format(module: nn.Module, channels_last: bool = True) -> nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 
 from common.fastpath import (FastPathNet, FastSimpleInferer, FastSlidingWindowInferer, fuse_conv_bn,
                              memory_format_for, prepare_inference_network, margin_weight_map, set_memory_format,
-                             weights_version)
+                             to_memory_format, weights_version)
 from common.networks.fnet import FNet
 from zoo_testing import BUNDLES, ROOT, TINY, env
 
@@ -151,6 +151,53 @@ def test_channels_last_training_step_equals_contiguous():
     torch.testing.assert_close(grads["cl"], grads["ref"], rtol=1e-3, atol=1e-5)
     assert losses["bf16"] == pytest.approx(losses["ref"], rel=2e-2)
     assert _pearson(grads["bf16"], grads["ref"]) > 0.99
+
+
+def test_dense_gradient_same_values_in_the_layout_of_its_tensor():
+    """FNet's upsampled branch: the gradient reaching it through torch.cat is dense (channels-last
+    here) instead of a strided slice, with the same values; the whole network's gradients are
+    bitwise those without the hook (the element-wise ReLU backward is layout-independent)."""
+    from common.fastpath import dense_gradient
+
+    a = torch.randn(2, 4, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    b = torch.randn(2, 4, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    seen = {}
+
+    def record(g):
+        seen["dense"] = g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last_3d)
+
+    b1 = b * 1
+    b1.register_hook(record)  # runs before the hook dense_gradient adds: sees what torch.cat hands back
+    b2 = dense_gradient(b1)
+    w = torch.randn(2, 8, 4, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    (torch.cat((a, b2), dim=1) * w).sum().backward()
+    assert seen["dense"] is False  # torch.cat hands back a strided slice of the 8-channel gradient
+    assert b.grad.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(b.grad, w[:, 4:], rtol=0, atol=0)
+    assert dense_gradient(torch.randn(3)) is not None  # no grad: returned as it is
+
+    x = torch.randn(2, 1, 16, 32, 32)
+    grads = {}
+    for hook in (True, False):
+        net = set_memory_format(_tiny_fnet(kaiming=True).train(), True)
+        if not hook:
+            import common.networks.fnet as fnet_mod
+
+            orig = fnet_mod.dense_gradient
+            fnet_mod.dense_gradient = lambda t: t
+        try:
+            net(to_memory_format(x)).square().mean().backward()
+        finally:
+            if not hook:
+                fnet_mod.dense_gradient = orig
+        grads[hook] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
+
+
+def test_fnet_still_scripts():
+    net = _tiny_fnet().eval()
+    x = torch.randn(1, 1, 16, 32, 32)
+    torch.testing.assert_close(torch.jit.script(net)(x), net(x))
 
 
 def test_fixed_batch_padding_crops_back():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.fastpath import dense_gradient
 from common.networks.record import recordable
 
 __all__ = ["FNet", "init_fnet_weights"]
@@ -59,6 +60,8 @@ class _Level(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.convs_in(x)
         y = self.up(self.sub(self.down(skip)))
+        if not torch.jit.is_scripting():  # a dense gradient for the ReLU of `up` (speed only)
+            y = dense_gradient(y)
         return self.convs_out(torch.cat((skip, y), dim=1))
 
 
