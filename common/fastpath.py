@@ -62,7 +62,9 @@ __all__ = [
     "native_bf16_cpu",
     "memory_format_for",
     "to_memory_format",
+    "unit_channel_strides",
     "dense_gradient",
+    "transposed_conv",
     "set_memory_format",
     "fuse_conv_bn",
     "autocast_context",
@@ -153,6 +155,36 @@ def to_memory_format(x: torch.Tensor, channels_last: bool = True) -> torch.Tenso
     Values and shape are unchanged; only the strides differ."""
     fmt = memory_format_for(x.ndim) if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=fmt)
+
+
+def unit_channel_strides(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``BCZYX`` or ``BCYX``, contiguous) with channels-last strides where ``C == 1``; else ``x``.
+
+    A one-channel tensor is contiguous and channels-last at once, and PyTorch then takes it as
+    contiguous: the first convolution of a network runs contiguous and so does the first level after
+    it. Same memory, no copy; only the strides say "channels last". The fast paths use it under bf16
+    autocast only, where it made an F-net training step 6 % faster; in fp32 it changes the first
+    level's rounding enough to widen channels-last's gap to float64 (``docs/performance.md``)."""
+    if x.ndim not in (4, 5) or x.shape[1] != 1 or x.stride(1) == 1 or not x.is_contiguous():
+        return x
+    spatial = torch.empty(x.shape[2:], device="meta").stride()
+    return x.as_strided(x.shape, (x[0].numel(), 1, *spatial))
+
+
+def transposed_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a ``ConvTranspose2d``/``3d``; under CPU autocast with gradients on, its bias is
+    added after the convolution rather than inside it.
+
+    oneDNN computes a bf16 transposed convolution's bias gradient with a reference kernel (3 % of a
+    bf16 F-net training step in ``perf``); PyTorch's own sum is much faster. The output differs from
+    the fused bias by bf16 rounding only. Anywhere else (fp32, inference, CUDA) it is ``conv(x)``."""
+    bias = conv.bias
+    if bias is None or not (torch.is_grad_enabled() and bias.requires_grad and x.device.type == "cpu"
+                            and torch.is_autocast_enabled("cpu")):
+        return conv(x)
+    fn = torch.nn.functional.conv_transpose3d if x.ndim == 5 else torch.nn.functional.conv_transpose2d
+    y = fn(x, conv.weight, None, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
+    return y + bias.view(1, -1, *([1] * (y.ndim - 2))).to(y.dtype)
 
 
 def dense_gradient(t: torch.Tensor) -> torch.Tensor:
@@ -288,6 +320,8 @@ class FastPathNet(nn.Module):
             x = torch.cat([x, x.new_zeros((self.fixed_batch - n, *x.shape[1:]))])
         if self.channels_last:
             x = to_memory_format(x, True)
+            if self.autocast:  # bf16 only: see unit_channel_strides
+                x = unit_channel_strides(x)
         with autocast_context(x.device.type, self.autocast, self.autocast_dtype):
             y = self.net(x)
         if isinstance(y, torch.Tensor):

@@ -16,7 +16,7 @@ from torch import nn
 
 from common.fastpath import (FastPathNet, FastSimpleInferer, FastSlidingWindowInferer, fuse_conv_bn,
                              memory_format_for, prepare_inference_network, margin_weight_map, set_memory_format,
-                             to_memory_format, weights_version)
+                             to_memory_format, transposed_conv, unit_channel_strides, weights_version)
 from common.networks.fnet import FNet
 from zoo_testing import BUNDLES, ROOT, TINY, env
 
@@ -137,8 +137,15 @@ def test_set_memory_format_keeps_parameter_objects():
 
 
 def test_channels_last_training_step_equals_contiguous():
-    """Memory format changes strides, not the maths: same loss and gradients in fp32; bf16 close."""
-    x, y = torch.randn(2, 1, 16, 32, 32), torch.randn(2, 1, 16, 32, 32)
+    """Memory format changes strides, not the maths: same loss in fp32, gradients within fp32 rounding
+    as amplified by the network; bf16 close.
+
+    PyTorch's channels-last BatchNorm on CPU sums in another order (about 50x contiguous's fp32 error
+    against float64, 2.6e-6 against 5.5e-8 for one layer), and a training step amplifies it: over 8
+    input draws the gradients' relative distance ranged from 3e-6 to 1.3e-3 (0 to 46 % of the
+    elements outside rtol 1e-3). The inputs are seeded (an unseeded draw made this test flaky)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 1, 16, 32, 32, generator=g), torch.randn(2, 1, 16, 32, 32, generator=g)
     grads, losses = {}, {}
     for name, bf16, cl in (("ref", False, False), ("cl", False, True), ("bf16", True, True)):
         net = _tiny_fnet(kaiming=True).train()
@@ -148,7 +155,8 @@ def test_channels_last_training_step_equals_contiguous():
         losses[name] = loss.item()
         grads[name] = torch.cat([p.grad.flatten() for p in net.parameters()])
     assert losses["cl"] == pytest.approx(losses["ref"], rel=1e-5)
-    torch.testing.assert_close(grads["cl"], grads["ref"], rtol=1e-3, atol=1e-5)
+    rel = ((grads["cl"] - grads["ref"]).norm() / grads["ref"].norm()).item()
+    assert rel < 3e-3, rel  # measured 4.7e-4 with these inputs
     assert losses["bf16"] == pytest.approx(losses["ref"], rel=2e-2)
     assert _pearson(grads["bf16"], grads["ref"]) > 0.99
 
@@ -192,6 +200,60 @@ def test_dense_gradient_same_values_in_the_layout_of_its_tensor():
                 fnet_mod.dense_gradient = orig
         grads[hook] = torch.cat([p.grad.flatten() for p in net.parameters()])
     torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
+
+
+def test_unit_channel_strides_same_memory_and_a_channels_last_first_conv():
+    """A one-channel input is contiguous and channels-last at once; PyTorch takes it as contiguous,
+    so the first convolution's output is contiguous. With channels-last strides (no copy) it is not."""
+    cl = torch.channels_last_3d
+    x = torch.randn(2, 1, 4, 6, 8)
+    y = unit_channel_strides(x)
+    assert y.data_ptr() == x.data_ptr() and torch.equal(y, x)
+    assert y.stride() == (192, 1, 48, 8, 1) and x.stride() == (192, 192, 48, 8, 1)
+    w = torch.randn(3, 1, 3, 3, 3)
+    assert nn.functional.conv3d(x, w, padding=1).is_contiguous()
+    out = nn.functional.conv3d(y, w, padding=1)
+    assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
+    torch.testing.assert_close(out, nn.functional.conv3d(x, w, padding=1))
+    assert unit_channel_strides(torch.randn(2, 1, 6, 8)).stride() == (48, 1, 8, 1)  # 2D too
+    x3 = torch.randn(2, 3, 4, 6, 8)
+    assert unit_channel_strides(x3) is x3  # more than one channel: as it is
+    xt = torch.randn(2, 1, 8, 6, 4).transpose(2, 4)
+    assert unit_channel_strides(xt) is xt  # not contiguous: as it is
+    # the fast path applies it under bf16 autocast only: fp32 keeps the contiguous first level
+    seen = {}
+    net = nn.Conv3d(1, 3, 3, padding=1)
+    net.register_forward_hook(lambda m, i, o: seen.setdefault(torch.is_autocast_enabled("cpu"), i[0].stride(1)))
+    for bf16 in (False, True):
+        FastPathNet(net, channels_last=True, autocast=bf16)(x)
+    assert seen == {False: 192, True: 1}
+
+
+def test_transposed_conv_bias_after_under_cpu_autocast():
+    """``transposed_conv`` is ``conv(x)`` itself outside CPU autocast training; under it the bias is
+    added after the convolution: same output and gradients to bf16 rounding, bias gradient = the sum
+    of the output gradient over batch and space (by hand, in float64)."""
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose3d(4, 3, 2, stride=2)
+    nn.init.uniform_(conv.bias, -1, 1)
+    x = torch.randn(2, 4, 3, 4, 5, requires_grad=True)
+    g = torch.randn(2, 3, 6, 8, 10)
+    assert torch.equal(transposed_conv(conv, x), conv(x))  # fp32: the module's own call
+    grads = {}
+    for name in ("fused", "apart"):
+        conv.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x) if name == "fused" else transposed_conv(conv, x)
+        assert y.dtype == torch.bfloat16
+        y.float().backward(g)
+        grads[name] = (y.detach().float(), conv.weight.grad.clone(), conv.bias.grad.clone(), type(y.grad_fn).__name__)
+    assert "Add" in grads["apart"][3] and "Add" not in grads["fused"][3]  # the bias really went apart
+    for a, b in zip(grads["apart"][:2], grads["fused"][:2]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    by_hand = g.double().sum(dim=(0, 2, 3, 4))
+    torch.testing.assert_close(grads["apart"][2].double(), by_hand, rtol=2e-2, atol=5e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: the module's call
+        assert torch.equal(transposed_conv(conv, x), conv(x))
 
 
 def test_fnet_still_scripts():

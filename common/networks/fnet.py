@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.fastpath import dense_gradient
+from common.fastpath import dense_gradient, transposed_conv
 from common.networks.record import recordable
 
 __all__ = ["FNet", "init_fnet_weights"]
@@ -59,9 +59,12 @@ class _Level(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.convs_in(x)
-        y = self.up(self.sub(self.down(skip)))
-        if not torch.jit.is_scripting():  # a dense gradient for the ReLU of `up` (speed only)
-            y = dense_gradient(y)
+        z = self.sub(self.down(skip))
+        if torch.jit.is_scripting():
+            y = self.up(z)
+        else:  # speed only: the bias of `up`'s transposed conv outside oneDNN under CPU autocast, and
+            # a dense gradient for its ReLU (common.fastpath.transposed_conv, dense_gradient)
+            y = dense_gradient(self.up[2](self.up[1](transposed_conv(self.up[0], z))))
         return self.convs_out(torch.cat((skip, y), dim=1))
 
 
