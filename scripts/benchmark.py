@@ -337,15 +337,22 @@ TRAIN_ABLATION = {"bf16 only": (True, False, False), "channels_last only": (Fals
                   "reuse_memory only": (False, False, True), "bf16 + channels_last (glibc's malloc defaults)": (True, True, False)}
 
 
+#: warm-up steps of every training child (at least): the second step of a fresh process still grows
+#: the heap (Adam's state exists from the first step on), so it ran 5 % above the steady state of the
+#: bf16 path (672 and 643 ms against about 615 ms from the third step on; eager fp32 1 to 2 %)
+TRAIN_WARMUP = 2
+
+
 def interleave_children(specs: dict[str, dict], warmup: int, repeats: int) -> dict[str, dict]:
     """:func:`interleave` for training steps that must each run in a fresh process (``reuse_memory`` is
-    process-wide): ``repeats`` rounds A B A B ..., each child ``warmup`` steps then one timed step.
+    process-wide): ``repeats`` rounds A B A B ..., each child ``max(warmup, TRAIN_WARMUP)`` steps then
+    one timed step.
 
     Returns ``{name: {"times": [...], "median": s, "rss": peak MiB of the children}}``."""
     out = {k: {"times": [], "rss": 0.0} for k in specs}
     for _ in range(repeats):
         for k, spec in specs.items():
-            r = _child(dict(spec, kind="train", warmup=warmup, steps=1))
+            r = _child(dict(spec, kind="train", warmup=max(int(warmup), TRAIN_WARMUP), steps=1))
             out[k]["times"] += r["times"]
             out[k]["rss"] = max(out[k]["rss"], r["peak_rss_mib"])
             out[k].update({key: r[key] for key in ("compile_s",) if r.get(key) is not None})
@@ -414,7 +421,7 @@ def section_fnet_train(p: dict, device, threads, rows: list, warmup: int, ablati
         flops = _flops(train_step_fn(build_network("fnet", p["fnet"]).to(device), x, x, False, False, device))
         reps = p["train_repeats"].get(b, 3)
         _log(f"  fnet_train batch {b}: {len(specs)} variants x {reps} rounds of a fresh process "
-             f"({warmup} warm-up + 1 timed step), interleaved")
+             f"({max(int(warmup), TRAIN_WARMUP)} warm-up + 1 timed step), interleaved")
         res = interleave_children(specs, warmup, reps)
         vox = b * int(np.prod(p["train_patch"]))
         ref_t = res["ref"]["median"]
