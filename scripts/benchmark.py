@@ -435,12 +435,25 @@ def section_fnet_train(p: dict, device, threads, rows: list, warmup: int, ablati
             _log("    " + format_table(rows[-1:]).splitlines()[-1])
 
 
+def load_spec(spec) -> dict:
+    """A child's measurement spec: ``"stdin"`` reads JSON from stdin (how the parent passes it), any other string is JSON.
+
+    The spec never travels as a command-line argument: fire would parse it as a Python literal and turn JSON's
+    ``null``/``true``/``false`` into the strings ``'null'``/``'true'``/``'false'`` (a ``None`` save path became
+    a file ``null.npy`` in the working folder). A dict (what fire makes of ``--spec '{...}'``) is refused.
+    """
+    if isinstance(spec, str):
+        return json.loads(sys.stdin.read() if spec == "stdin" else spec)
+    raise TypeError(f"benchmark child spec: pass JSON on stdin with --spec stdin (got {type(spec).__name__}: the command "
+                    "line parser turns JSON's null/true/false into strings)")
+
+
 def _child(spec: dict, timeout: int = 3600) -> dict:
-    """Run one volume-inference measurement in a fresh process; returns its JSON result."""
-    cmd = [sys.executable, os.path.abspath(__file__), "child", "--spec", json.dumps(spec)]
+    """Run one volume-inference measurement in a fresh process (spec as JSON on its stdin); returns its JSON result."""
+    cmd = [sys.executable, os.path.abspath(__file__), "child", "--spec", "stdin"]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout, env=env)
     for line in p.stdout.splitlines()[::-1]:
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
@@ -453,7 +466,7 @@ def child(spec: str) -> None:
 
     from common.fastpath import FastSlidingWindowInferer, peak_rss_mib, reuse_freed_memory
 
-    s = json.loads(spec) if isinstance(spec, str) else spec
+    s = load_spec(spec)
     if s.get("kind") == "train":
         print("BENCH_RESULT " + json.dumps(train_child(s)), flush=True)
         return
@@ -751,7 +764,7 @@ def ddp_worker(rank: int, world: int, port: int, spec: str) -> None:
     import torch
     import torch.distributed as dist
 
-    s = json.loads(spec) if isinstance(spec, str) else spec
+    s = load_spec(spec)
     _set_threads(s.get("threads"))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=int(rank), world_size=int(world))
@@ -791,9 +804,14 @@ def section_ddp(p: dict, threads, rows: list) -> None:
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         _log(f"  ddp: {world} process(es) x {per} thread(s), batch {d['batch']} per process")
         procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "ddp_worker", "--rank", str(r),
-                                   "--world", str(world), "--port", str(port), "--spec", json.dumps(spec)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                   "--world", str(world), "--port", str(port), "--spec", "stdin"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env)
                  for r in range(world)]
+        for pr in procs:  # every rank gets its spec before any is waited on (they meet in init_process_group)
+            pr.stdin.write(json.dumps(spec))
+            pr.stdin.close()
+            pr.stdin = None  # communicate() would flush the closed pipe
         outs = [pr.communicate(timeout=3600) for pr in procs]
         line = next((ln for ln in outs[0][0].splitlines() if ln.startswith("BENCH_RESULT ")), None)
         if line is None:

@@ -404,12 +404,29 @@ def test_interleave_alternates_and_takes_medians():
     assert res["b"]["times"] == [2.0, 3.0, 0.5] and res["b"]["median"] == 2.0
 
 
+def test_benchmark_child_spec_travels_as_json_on_stdin(monkeypatch):
+    """JSON's null/true/false reach a child as None/True/False; fire's parse of a command-line dict is refused."""
+    import io
+
+    bench = _bench_module()
+    spec = {"save": None, "fast": False, "compile": True, "roi": [16, 32, 32], "overlap": 0.25, "path": "opt"}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(spec)))
+    assert bench.load_spec("stdin") == spec
+    assert bench.load_spec(json.dumps(spec)) == spec
+    with pytest.raises(TypeError, match="stdin"):
+        bench.load_spec({"save": "null", "fast": "false"})  # what fire makes of --spec '{"save": null, ...}'
+
+
 @pytest.mark.slow
 def test_benchmark_quick_prints_table(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, BENCH, "--profile", "quick", "--threads", "1", "--only", "fnet_train,fnet_infer",
-                        "--out", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+                        "--sw_repeats", "2", "--out", str(out)], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                       timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    # nothing but --out in the working folder (a second repeat's save path None once reached the child as
+    # the string 'null' and wrote null.npy there)
+    assert sorted(os.listdir(tmp_path)) == ["bench.json"]
     text = p.stdout
     assert "| section | path | size | time (s) | Mvox/s | x ref | peak RSS (MiB) | note |" in text
     assert "load average at start" in text
