@@ -10,6 +10,10 @@ and ``scripts/*.py`` use) are closed here:
 * fire calls the function first and complains about flags it could not use afterwards, so a
   misspelt flag (``--minutes`` where there is none) lets a long run start anyway. :func:`strict_fire`
   checks every ``--flag`` against the signature before anything runs.
+* JSON handed over as a command-line value is parsed as a Python literal, so ``null``, ``true`` and
+  ``false`` arrive as the strings ``'null'``, ``'true'`` and ``'false'`` (a ``None`` path became a
+  file ``null``). Parent processes therefore hand a child its spec on stdin, which
+  :func:`json_spec` reads.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["BooleanValueError", "UnknownFlagError", "as_bool", "check_flags", "strict_fire"]
+__all__ = ["BooleanValueError", "UnknownFlagError", "as_bool", "check_flags", "json_spec", "strict_fire"]
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -57,6 +61,21 @@ def as_bool(value, name: str = "value") -> bool:
     name = name.replace("::", "#")  # MONAI rewrites '#' to '::' inside config expressions
     raise BooleanValueError(f"{name}: {value!r} is not a boolean; give true or false (also True/False, 1/0), "
                             f"e.g. --{name} false")
+
+
+def json_spec(spec) -> dict:
+    """A child process's spec: ``"stdin"`` reads JSON from stdin (how parents pass it), any other string is JSON.
+
+    Raises:
+        TypeError: ``spec`` is not a string: fire made a Python literal of ``--spec '{...}'``, with JSON's
+            ``null``/``true``/``false`` turned into strings.
+    """
+    import json
+
+    if isinstance(spec, str):
+        return json.loads(sys.stdin.read() if spec == "stdin" else spec)
+    raise TypeError(f"child spec: pass the JSON on stdin with --spec stdin (got a {type(spec).__name__}: the command "
+                    "line parser turns JSON's null/true/false into strings)")
 
 
 def _parameters(fn: Callable) -> tuple[list[str], bool, bool, int]:

@@ -100,9 +100,10 @@ def bundle_child(spec: str) -> None:
     import torch
     from ignite.engine import Events
 
+    from common.cli import json_spec
     from experiments.runner import bundle_dir, workflow
 
-    s = json.loads(spec) if isinstance(spec, str) else spec
+    s = json_spec(spec)
     torch.set_num_threads(1)
     t0 = time.time()
     wf = workflow(s["bundle"], "train.json", s["overrides"],
@@ -136,9 +137,10 @@ def bundle_child(spec: str) -> None:
 
 def run_bundle_arm(bundle: str, overrides: dict, metric: str, target: float, out: str, log: str) -> dict:
     spec = {"bundle": bundle, "overrides": overrides, "metric": metric, "target": target, "out": out}
-    cmd = [sys.executable, "-m", "experiments.time_to_quality", "bundle_child", "--spec", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "experiments.time_to_quality", "bundle_child", "--spec", "stdin"]  # JSON on stdin
     with open(log, "w") as f:
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        p = subprocess.run(cmd, input=json.dumps(spec), text=True, stdout=f, stderr=subprocess.STDOUT, env=_env(),
+                           cwd=ROOT)
     if p.returncode != 0:
         raise RuntimeError(f"training failed ({p.returncode}); see {log}")
     with open(out) as f:

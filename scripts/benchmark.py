@@ -435,19 +435,6 @@ def section_fnet_train(p: dict, device, threads, rows: list, warmup: int, ablati
             _log("    " + format_table(rows[-1:]).splitlines()[-1])
 
 
-def load_spec(spec) -> dict:
-    """A child's measurement spec: ``"stdin"`` reads JSON from stdin (how the parent passes it), any other string is JSON.
-
-    The spec never travels as a command-line argument: fire would parse it as a Python literal and turn JSON's
-    ``null``/``true``/``false`` into the strings ``'null'``/``'true'``/``'false'`` (a ``None`` save path became
-    a file ``null.npy`` in the working folder). A dict (what fire makes of ``--spec '{...}'``) is refused.
-    """
-    if isinstance(spec, str):
-        return json.loads(sys.stdin.read() if spec == "stdin" else spec)
-    raise TypeError(f"benchmark child spec: pass JSON on stdin with --spec stdin (got {type(spec).__name__}: the command "
-                    "line parser turns JSON's null/true/false into strings)")
-
-
 def _child(spec: dict, timeout: int = 3600) -> dict:
     """Run one volume-inference measurement in a fresh process (spec as JSON on its stdin); returns its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "child", "--spec", "stdin"]
@@ -464,9 +451,10 @@ def child(spec: str) -> None:
     """(internal) One inference measurement: build, warm up, run once, report time and peak RSS."""
     import torch
 
+    from common.cli import json_spec
     from common.fastpath import FastSlidingWindowInferer, peak_rss_mib, reuse_freed_memory
 
-    s = load_spec(spec)
+    s = json_spec(spec)
     if s.get("kind") == "train":
         print("BENCH_RESULT " + json.dumps(train_child(s)), flush=True)
         return
@@ -764,7 +752,9 @@ def ddp_worker(rank: int, world: int, port: int, spec: str) -> None:
     import torch
     import torch.distributed as dist
 
-    s = load_spec(spec)
+    from common.cli import json_spec
+
+    s = json_spec(spec)
     _set_threads(s.get("threads"))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=int(rank), world_size=int(world))

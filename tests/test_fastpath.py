@@ -404,17 +404,18 @@ def test_interleave_alternates_and_takes_medians():
     assert res["b"]["times"] == [2.0, 3.0, 0.5] and res["b"]["median"] == 2.0
 
 
-def test_benchmark_child_spec_travels_as_json_on_stdin(monkeypatch):
+def test_child_spec_travels_as_json_on_stdin(monkeypatch):
     """JSON's null/true/false reach a child as None/True/False; fire's parse of a command-line dict is refused."""
     import io
 
-    bench = _bench_module()
+    from common.cli import json_spec
+
     spec = {"save": None, "fast": False, "compile": True, "roi": [16, 32, 32], "overlap": 0.25, "path": "opt"}
     monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(spec)))
-    assert bench.load_spec("stdin") == spec
-    assert bench.load_spec(json.dumps(spec)) == spec
+    assert json_spec("stdin") == spec
+    assert json_spec(json.dumps(spec)) == spec
     with pytest.raises(TypeError, match="stdin"):
-        bench.load_spec({"save": "null", "fast": "false"})  # what fire makes of --spec '{"save": null, ...}'
+        json_spec({"save": "null", "fast": "false"})  # what fire makes of --spec '{"save": null, ...}'
 
 
 @pytest.mark.slow
