@@ -155,6 +155,27 @@ def test_background_above_counts_background_voxels_at_or_above_zero(tmp_path):
     assert background_above(str(tmp_path / "pred"), str(tmp_path / "m.csv")) == pytest.approx(12 / 192)
 
 
+def test_clipped_fg_psnr_by_hand(tmp_path):
+    """One bright outlier voxel sets the protocol's min-max scale; clipped at the 1 % percentiles the same
+    prediction is the target again (PSNR inf). Both values by hand."""
+    from common.io import write_ome_tiff
+    from experiments.spotlight_vs_fnet import clipped_fg_psnr
+
+    tgt = np.full((4, 8, 8), 10.0, np.float32)
+    tgt[:, 2:6, 2:6] = 100.0  # foreground (Otsu): the 64 bright voxels
+    pred = tgt.copy()
+    pred[0, 0, 0] = 1000.0  # one background voxel far above everything
+    write_ome_tiff(tmp_path / "s.ome.tif", tgt, "ZYX")
+    write_ome_tiff(tmp_path / "t.ome.tif", tgt, "ZYX")
+    (tmp_path / "pred").mkdir()
+    write_ome_tiff(tmp_path / "pred" / "s_pred.ome.tif", pred, "ZYX")
+    (tmp_path / "m.csv").write_text("path_signal,path_target\ns.ome.tif,t.ome.tif\n")
+    proto, clipped = clipped_fg_psnr(str(tmp_path / "pred"), str(tmp_path / "m.csv"), (10.0, 100.0), percent=1.0)
+    fg_value = 10 + (100 - 10) * 90 / 990  # the rescale maps [10, 1000] onto [10, 100]
+    assert proto == pytest.approx(10 * np.log10(90.0 ** 2 / (100 - fg_value) ** 2))
+    assert clipped == np.inf
+
+
 def test_ablation_rejects_an_unknown_lr_schedule_before_any_work(tmp_path):
     from common.optim import LrScheduleError
     from experiments.spotlight_ablation import main
