@@ -408,8 +408,24 @@ def test_crossacq_scores_the_bright_field_annotation_and_reuses_finished_runs(tm
     stamp = os.path.getmtime(model)
     second = xa.run(**kw)
     assert second["reused_runs"] == 1 and os.path.getmtime(model) == stamp
+    one = second["one_pixel"]["fig2a"]  # the boundary tolerance of the test masks, in the table's notes
+    assert len(one["eroded"]) == 4 and all(0 <= e < d < 1 for e, d in zip(one["eroded"], one["dilated"]))
+    assert "one pixel smaller all around scores IoU" in (tmp_path / "out" / "crossacq.md").read_text()
     assert second["runs"][0]["val_iou"] == run["val_iou"] and second["runs"][0]["bf_val_iou"] == run["bf_val_iou"]
     assert "IoU against the bright-field annotation" in open(tmp_path / "out" / "crossacq.md").read()
+
+
+def test_one_pixel_iou_by_hand(tmp_path):
+    """A 4x4 square: one pixel smaller is its 2x2 core (IoU 4/16), one pixel larger (4-connected) adds a row
+    of 4 on each side (IoU 16/32)."""
+    from experiments import isl_data
+
+    m = np.zeros((10, 10), np.uint8)
+    m[3:7, 3:7] = 1
+    write_ome_tiff(tmp_path / "m.ome.tif", m, "YX")
+    isl_data.write_manifest(str(tmp_path / "x.csv"), [["s.ome.tif", "t.ome.tif", "m.ome.tif"]])
+    assert isl_data.one_pixel_iou(str(tmp_path / "x.csv")) == {"eroded": [pytest.approx(0.25)],
+                                                               "dilated": [pytest.approx(0.5)]}
 
 
 def test_shipped_model_takes_the_documented_in_channels_override(tmp_path):
