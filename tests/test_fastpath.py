@@ -404,20 +404,6 @@ def test_interleave_alternates_and_takes_medians():
     assert res["b"]["times"] == [2.0, 3.0, 0.5] and res["b"]["median"] == 2.0
 
 
-def test_child_spec_travels_as_json_on_stdin(monkeypatch):
-    """JSON's null/true/false reach a child as None/True/False; fire's parse of a command-line dict is refused."""
-    import io
-
-    from common.cli import json_spec
-
-    spec = {"save": None, "fast": False, "compile": True, "roi": [16, 32, 32], "overlap": 0.25, "path": "opt"}
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(spec)))
-    assert json_spec("stdin") == spec
-    assert json_spec(json.dumps(spec)) == spec
-    with pytest.raises(TypeError, match="stdin"):
-        json_spec({"save": "null", "fast": "false"})  # what fire makes of --spec '{"save": null, ...}'
-
-
 @pytest.mark.slow
 def test_benchmark_quick_prints_table(tmp_path):
     out = tmp_path / "bench.json"

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from common.cli import UnknownFlagError, check_flags, strict_fire
+from common.cli import UnknownFlagError, check_flags, json_spec, strict_fire
 from zoo_testing import ROOT, run_script
 
 
@@ -142,3 +142,17 @@ def test_unknown_flag_is_refused_before_any_work(path, tmp_path):
     assert p.returncode == 2, p.stdout + p.stderr
     assert "unknown flag(s) --no_such_flag" in p.stderr
     assert os.listdir(tmp_path) == []  # nothing written, nothing started
+
+
+def test_child_spec_travels_as_json_on_stdin(monkeypatch):
+    """JSON's null/true/false reach a child as None/True/False; fire's parse of a command-line dict is refused."""
+    import io
+    import json
+    import sys
+
+    spec = {"save": None, "fast": False, "compile": True, "roi": [16, 32, 32], "overlap": 0.25, "path": "opt"}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(spec)))
+    assert json_spec("stdin") == spec
+    assert json_spec(json.dumps(spec)) == spec
+    with pytest.raises(TypeError, match="stdin"):
+        json_spec({"save": "null", "fast": "false"})  # what fire makes of --spec '{"save": null, ...}'
